@@ -237,7 +237,7 @@ KEYS: tuple[Key, ...] = (
     Key("http.listen", "http", _endpoint_checker("server"), "Twisted server endpoint for "
         "/healthz, /readyz and /metrics, e.g. tcp:9100:interface=127.0.0.1", metavar="EP"),
     Key("manhole.listen", "manhole", _endpoint_checker("server"), "Twisted server endpoint "
-        "for the SSH manhole, e.g. unix:/run/contiv/manhole.sock (off unless set)",
+        "for the SSH manhole, e.g. unix:/run/contiv/manhole.sock:mode=600 (off unless set)",
         metavar="EP"),
     Key("manhole.authorized_keys", "manhole-authorized-keys", _readable_file, "the "
         "authorized_keys file whose keys may log in to the manhole", metavar="PATH"),

@@ -1,0 +1,1 @@
+"""The daemon's roles: netmaster (cluster -> store) and netplugin (store -> OVS and DNS)."""

@@ -1,0 +1,1 @@
+"""The shared store between netmaster and netplugin: memcached, or memory in one process."""

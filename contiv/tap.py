@@ -1,0 +1,220 @@
+"""
+C{twistd contiv}: the command-line options and the service tree.
+
+Options come from the key table in L{contiv.config}; C{makeService} only
+wires parts together, each part built by a small helper below.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Optional
+
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.python import usage
+
+from contiv import config as configuration
+from contiv.service import OrderedService
+
+
+def _help(key: configuration.Key) -> str:
+    default = f", default {key.default}" if isinstance(key.default, str) else ""
+    return f"{key.help} [config key {key.name}{default}]"
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Enforce Kubernetes NetworkPolicy in an Open vSwitch bridge and serve node-local "
+        "DNS. Every option is also a key of the YAML file given with --config; the "
+        "command line wins over the file."
+    )
+    optParameters = [
+        ["config", "c", None, "YAML configuration file", None],
+    ] + [
+        [key.option, None, None, _help(key)]
+        for key in configuration.KEYS if not key.flag and not key.repeatable
+    ]
+    optFlags = [[key.option, None, _help(key)] for key in configuration.KEYS if key.flag]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.repeated: dict[str, list[str]] = {}
+        self.config: Optional[configuration.Config] = None
+
+    def opt_dns_upstream(self, value: str) -> None:
+        """upstream resolver host[:port]; repeat for several (default: the nameservers in
+        /etc/resolv.conf) [config key dns.upstreams, a list]"""
+        self.repeated.setdefault("dns.upstreams", []).append(value)
+
+    def command_line_values(self) -> dict[str, Any]:
+        values: dict[str, Any] = dict(self.repeated)
+        for key in configuration.KEYS:
+            if key.repeatable:
+                continue
+            given = self.get(key.option)
+            if key.flag:
+                if given:
+                    values[key.name] = True
+            elif given is not None:
+                values[key.name] = given
+        return values
+
+    def load(self) -> configuration.Config:
+        """Build the configuration, raising ConfigError on the first bad key."""
+        path = self["config"]
+        file_values = configuration.read_file(path) if path else {}
+        return configuration.build(file_values, self.command_line_values(), path or "")
+
+    def postOptions(self) -> None:
+        try:
+            self.config = self.load()
+        except configuration.ConfigError as e:
+            # twistd would print the whole --help before a UsageError: for a
+            # bad value in a config file that buries the one line that matters.
+            sys.stderr.write(f"contiv: configuration error: {e}\n")
+            raise SystemExit(1)
+        if self.config["log.format"] == "json" and self.parent is not None:
+            # twistd builds its log observer from its own --logger option
+            # after our options are parsed: point it at the JSON formatter.
+            self.parent["logger"] = "contiv.logs.json_observer"
+
+
+def makeService(options: Options) -> "ContivService":
+    from twisted.internet import reactor
+
+    return build_service(options.config, reactor)
+
+
+class ContivService(OrderedService):
+    """
+    The root of the service tree. twistd ignores what C{startService}
+    returns, so a failed start is handled here: logged, and the process ends
+    with status 1 once the reactor has shut down.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, config: configuration.Config):
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.roles: dict[str, Any] = {}
+        self.start_failure = None
+
+    def statuses(self) -> dict[str, Any]:
+        return {name: role.status() for name, role in self.roles.items()}
+
+    def startService(self):
+        d = super().startService()
+
+        def started(_: Any) -> None:
+            self.log.info("contiv started: roles {roles}", roles=", ".join(self.roles))
+
+        def failed(failure: Any) -> None:
+            self.start_failure = failure
+            self.log.critical("contiv failed to start: {error}",
+                              error=failure.getErrorMessage())
+            self.reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
+            # twistd starts the services before it runs the reactor.
+            self.reactor.callWhenRunning(self.reactor.stop)
+
+        return d.addCallbacks(started, failed)
+
+
+def _exit_failed() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    # twistd has no way to report an exit status; by now every service has
+    # stopped and the reactor is down, so nothing is lost by leaving here.
+    os._exit(1)
+
+
+def build_service(config: configuration.Config, reactor: Any) -> ContivService:
+    root = ContivService(reactor, config)
+    store = build_store(config)
+    if "netmaster" in config.roles:
+        root.roles["netmaster"] = build_netmaster(config, reactor, store)
+    if "netplugin" in config.roles:
+        root.roles["netplugin"] = build_netplugin(config, reactor, store)
+    # Roles first: the listeners report on them and the manhole exposes them.
+    for role in root.roles.values():
+        role.setServiceParent(root)
+    if config["http.listen"]:
+        build_http(config, reactor, root).setServiceParent(root)
+    if config["manhole.listen"]:
+        build_manhole(config, reactor, root, store).setServiceParent(root)
+    return root
+
+
+def build_store(config: configuration.Config) -> Any:
+    from contiv.store.memory import MemoryStore
+
+    # Validation refuses every other store until the memcached one exists.
+    assert config["store"] == "memory", config["store"]
+    return MemoryStore()
+
+
+def build_source(config: configuration.Config, reactor: Any, stream: Any) -> Any:
+    if config["source.manifests"]:
+        from contiv.k8s.manifests import ManifestsSource
+
+        return ManifestsSource(reactor, config["source.manifests"], stream)
+    from contiv.k8s.apiconfig import load_api_config
+    from contiv.k8s.reflector import ApiSource
+
+    api_config = load_api_config(kubeconfig=config["source.kubeconfig"],
+                                 context=config["source.context"],
+                                 in_cluster=config["source.in_cluster"])
+    return ApiSource(reactor, api_config, stream)
+
+
+def build_netmaster(config: configuration.Config, reactor: Any, store: Any) -> Any:
+    from contiv.k8s.events import EventStream
+    from contiv.roles.netmaster import NetmasterService
+
+    stream = EventStream()
+    return NetmasterService(build_source(config, reactor, stream), stream, store)
+
+
+def build_netplugin(config: configuration.Config, reactor: Any, store: Any) -> Any:
+    from contiv.roles.netplugin import NetpluginService
+
+    return NetpluginService(config["node"], store)
+
+
+def build_http(config: configuration.Config, reactor: Any, root: ContivService) -> Any:
+    from contiv import metrics
+    from contiv.http import make_site
+    from contiv.service import ListeningService
+
+    description = config["http.listen"]
+    site = make_site(root.statuses,
+                     [metrics.REGISTRY, metrics.instance_registry(root.statuses)])
+    service = ListeningService(endpoints.serverFromString(reactor, description), site,
+                               description)
+    service.setName("http")
+    return service
+
+
+def build_manhole(config: configuration.Config, reactor: Any, root: ContivService,
+                  store: Any) -> Any:
+    from contiv.manhole import makeManholeService
+
+    namespace = {
+        "contiv": root,
+        "roles": root.roles,
+        "config": config,
+        "store": store,
+        "reactor": reactor,
+    }
+    service = makeManholeService(reactor, config["manhole.listen"],
+                                 config["manhole.authorized_keys"], namespace,
+                                 host_key_path=config["manhole.host_key"])
+    service.setName("manhole")
+    return service
