@@ -1,0 +1,1 @@
+"""Where netmaster learns the cluster: the API server's list+watch, or a manifests directory."""
