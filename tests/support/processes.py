@@ -1,0 +1,69 @@
+"""Helpers for tests that start real processes: free ports, waits with deadlines."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Callable, Optional
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str,
+             interval: float = 0.05) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def http_get(url: str, timeout: float = 2.0) -> Optional[tuple[int, bytes]]:
+    """(status, body), or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (urllib.error.URLError, ConnectionError, socket.timeout):
+        return None
+
+
+def contiv_env() -> dict[str, str]:
+    """Run twistd on this source tree: Twisted finds twisted/plugins/ on sys.path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def start_twistd(args: list[str], cwd: str, log_path: str) -> subprocess.Popen:
+    log = open(log_path, "wb")
+    try:
+        return subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", "contiv", *args],
+                                cwd=cwd, env=contiv_env(), stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        log.close()
+
+
+def listening_sockets(pid: int) -> list[str]:
+    """The TCP/UDP/unix listening sockets that process pid holds (from ss)."""
+    output = subprocess.run(["ss", "-Hlpn"], capture_output=True, text=True,
+                            timeout=10).stdout
+    return [line for line in output.splitlines() if f"pid={pid}," in line]
