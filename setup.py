@@ -1,18 +1,13 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="contiv",
     version="0.1.0",
     description="Kubernetes NetworkPolicy in Open vSwitch and node-local DNS, as one Twisted daemon",
     python_requires=">=3.9",
-    packages=[
-        "contiv",
-        "contiv.k8s",
-        "contiv.store",
-        # twisted/plugins has no __init__.py on purpose: Twisted's own package
-        # finds drop-in plugin files in every twisted/plugins directory.
-        "twisted.plugins",
-    ],
+    # twisted/plugins has no __init__.py on purpose: Twisted's own package
+    # finds drop-in plugin files in every twisted/plugins directory.
+    packages=find_packages(include=["contiv", "contiv.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/contiv_plugin.py"]},
     install_requires=[
         "twisted[conch]>=23.10",
@@ -20,6 +15,8 @@ setup(
         "kubernetes>=28.1",
         "pyyaml>=6.0",
         "prometheus_client>=0.17",
+        "pymemcache>=4.0",
+        "os-ken>=2.6",
     ],
     extras_require={
         "test": [

@@ -43,6 +43,7 @@ class Options(usage.Options):
         super().__init__()
         self.repeated: dict[str, list[str]] = {}
         self.config: Optional[configuration.Config] = None
+        self.api_config: Any = None
 
     def opt_dns_upstream(self, value: str) -> None:
         """upstream resolver host[:port]; repeat for several (default: the nameservers in
@@ -71,6 +72,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             self.config = self.load()
+            self.api_config = load_api_config(self.config)
         except configuration.ConfigError as e:
             # twistd would print the whole --help before a UsageError: for a
             # bad value in a config file that buries the one line that matters.
@@ -82,10 +84,29 @@ class Options(usage.Options):
             self.parent["logger"] = "contiv.logs.json_observer"
 
 
+def load_api_config(config: configuration.Config) -> Any:
+    """
+    The API server's address and credentials, read at start so that a bad
+    kubeconfig is a configuration error naming the file and field, not a
+    failure of a running daemon.
+    """
+    if not (config["source.kubeconfig"] or config["source.in_cluster"]):
+        return None
+    from contiv.k8s.apiconfig import ApiConfigError, load_in_cluster, load_kubeconfig
+
+    try:
+        if config["source.kubeconfig"]:
+            return load_kubeconfig(config["source.kubeconfig"], config["source.context"])
+        return load_in_cluster()
+    except ApiConfigError as e:
+        key = "source.kubeconfig" if config["source.kubeconfig"] else "source.in_cluster"
+        raise configuration.ConfigError(key, str(e)) from None
+
+
 def makeService(options: Options) -> "ContivService":
     from twisted.internet import reactor
 
-    return build_service(options.config, reactor)
+    return build_service(options.config, reactor, options.api_config)
 
 
 class ContivService(OrderedService):
@@ -135,11 +156,12 @@ def _exit_failed() -> None:
     os._exit(1)
 
 
-def build_service(config: configuration.Config, reactor: Any) -> ContivService:
+def build_service(config: configuration.Config, reactor: Any,
+                  api_config: Any = None) -> ContivService:
     root = ContivService(reactor, config)
     store = build_store(config)
     if "netmaster" in config.roles:
-        root.roles["netmaster"] = build_netmaster(config, reactor, store)
+        root.roles["netmaster"] = build_netmaster(config, reactor, store, api_config)
     if "netplugin" in config.roles:
         root.roles["netplugin"] = build_netplugin(config, reactor, store)
     # Roles first: the listeners report on them and the manhole exposes them.
@@ -160,26 +182,24 @@ def build_store(config: configuration.Config) -> Any:
     return MemoryStore()
 
 
-def build_source(config: configuration.Config, reactor: Any, stream: Any) -> Any:
+def build_source(config: configuration.Config, reactor: Any, stream: Any,
+                 api_config: Any) -> Any:
     if config["source.manifests"]:
         from contiv.k8s.manifests import ManifestsSource
 
         return ManifestsSource(reactor, config["source.manifests"], stream)
-    from contiv.k8s.apiconfig import load_api_config
     from contiv.k8s.reflector import ApiSource
 
-    api_config = load_api_config(kubeconfig=config["source.kubeconfig"],
-                                 context=config["source.context"],
-                                 in_cluster=config["source.in_cluster"])
     return ApiSource(reactor, api_config, stream)
 
 
-def build_netmaster(config: configuration.Config, reactor: Any, store: Any) -> Any:
+def build_netmaster(config: configuration.Config, reactor: Any, store: Any,
+                    api_config: Any) -> Any:
     from contiv.k8s.events import EventStream
     from contiv.roles.netmaster import NetmasterService
 
     stream = EventStream()
-    return NetmasterService(build_source(config, reactor, stream), stream, store)
+    return NetmasterService(build_source(config, reactor, stream, api_config), stream, store)
 
 
 def build_netplugin(config: configuration.Config, reactor: Any, store: Any) -> Any:
