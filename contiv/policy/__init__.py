@@ -1,0 +1,1 @@
+"""NetworkPolicy: parsing, selectors, compilation into rules over address groups."""
