@@ -67,3 +67,59 @@ def listening_sockets(pid: int) -> list[str]:
     output = subprocess.run(["ss", "-Hlpn"], capture_output=True, text=True,
                             timeout=10).stdout
     return [line for line in output.splitlines() if f"pid={pid}," in line]
+
+
+class MemcachedServer:
+    """A private memcached on 127.0.0.1 (TCP only), started and killed by a test."""
+
+    def __init__(self, *, port: Optional[int] = None, memory_mb: Optional[int] = None,
+                 no_evictions: bool = False) -> None:
+        self.port = port or free_port()
+        self.memory_mb = memory_mb
+        self.no_evictions = no_evictions
+        self.process: Optional[subprocess.Popen] = None
+
+    def command(self) -> list[str]:
+        args = ["memcached", "-l", "127.0.0.1", "-p", str(self.port), "-U", "0"]
+        if os.geteuid() == 0:
+            args += ["-u", "root"]  # memcached refuses to run as root otherwise
+        if self.memory_mb is not None:
+            args += ["-m", str(self.memory_mb)]
+        if self.no_evictions:
+            args.append("-M")
+        return args
+
+    def start(self, timeout: float = 10.0) -> None:
+        assert self.process is None, "already running"
+        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(self._accepts, timeout, f"memcached to accept on port {self.port}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _accepts(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"memcached on port {self.port} exited with "
+                                 f"{self.process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
