@@ -359,8 +359,6 @@ def check_consistency(values: Mapping[str, Any]) -> None:
     if not sources and values.get("role") in ("netmaster", "all"):
         raise ConfigError("source.manifests", "netmaster needs a source of cluster objects: "
                           "set source.manifests, source.kubeconfig or source.in_cluster")
-    if values.get("store", "memory") != "memory":
-        raise ConfigError("store", "the memcached store is not implemented yet; use 'memory'")
     if values.get("source.context") and not values.get("source.kubeconfig"):
         raise ConfigError("source.context", "needs source.kubeconfig")
     if values.get("manhole.listen"):

@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any, Optional
 
+from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
@@ -145,6 +146,19 @@ class ContivService(OrderedService):
         return d.addCallbacks(started, failed)
 
 
+class StoreService(Service):
+    """Closes the store (its connections and threads) when the daemon stops."""
+
+    name = "store"
+
+    def __init__(self, store: Any):
+        self.store = store
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.store.close()
+
+
 def _exit_failed() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -159,7 +173,9 @@ def _exit_failed() -> None:
 def build_service(config: configuration.Config, reactor: Any,
                   api_config: Any = None) -> ContivService:
     root = ContivService(reactor, config)
-    store = build_store(config)
+    store = build_store(config, reactor)
+    # First child, so it is stopped last: the roles may still write while stopping.
+    StoreService(store).setServiceParent(root)
     if "netmaster" in config.roles:
         root.roles["netmaster"] = build_netmaster(config, reactor, store, api_config)
     if "netplugin" in config.roles:
@@ -174,12 +190,10 @@ def build_service(config: configuration.Config, reactor: Any,
     return root
 
 
-def build_store(config: configuration.Config) -> Any:
-    from contiv.store.memory import MemoryStore
+def build_store(config: configuration.Config, reactor: Any) -> Any:
+    from contiv.store import open_store
 
-    # Validation refuses every other store until the memcached one exists.
-    assert config["store"] == "memory", config["store"]
-    return MemoryStore()
+    return open_store(reactor, config["store"])
 
 
 def build_source(config: configuration.Config, reactor: Any, stream: Any,
@@ -199,7 +213,8 @@ def build_netmaster(config: configuration.Config, reactor: Any, store: Any,
     from contiv.roles.netmaster import NetmasterService
 
     stream = EventStream()
-    return NetmasterService(build_source(config, reactor, stream, api_config), stream, store)
+    return NetmasterService(build_source(config, reactor, stream, api_config), stream, store,
+                            clock=reactor, prefix=config["store_prefix"])
 
 
 def build_netplugin(config: configuration.Config, reactor: Any, store: Any) -> Any:

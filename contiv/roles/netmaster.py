@@ -1,44 +1,115 @@
 """
-The netmaster role: follows the cluster through a source and keeps its
-picture of it (kind -> key -> object) current.
+The netmaster role: follows the cluster through a source, compiles it with
+the policy engine, and publishes the result into the store.
 
-What it has seen is compiled and published by the policy engine; until that
-engine exists this role never claims to be in sync, so /readyz stays 503 and
-says why.
+Nothing is published before the source's initial list is complete: a
+half-seen cluster would open or close traffic it should not. After that,
+every burst of events becomes one publish (the engine's changes since the
+previous one), and a periodic check republishes everything when the store
+lost its data (the epoch key is gone, or entries were evicted).
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+from prometheus_client import Counter, Gauge, Histogram
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from contiv.k8s.events import DELETED, Event, EventStream, Synced
+from contiv.metrics import REGISTRY
+from contiv.policy.engine import PolicyEngine
+from contiv.store.layout import Publisher
+
+EVENTS = Counter("contiv_netmaster_events", "cluster events applied, by kind",
+                 ["kind"], registry=REGISTRY)
+PUBLISHES = Counter("contiv_netmaster_publishes", "publishes to the store, by result",
+                    ["result"], registry=REGISTRY)
+PUBLISH_SECONDS = Histogram("contiv_netmaster_publish_seconds",
+                            "time from the first unpublished event to its generation "
+                            "being in the store",
+                            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                     0.5, 1, 2.5, 5, 10), registry=REGISTRY)
+INVALID = Gauge("contiv_netmaster_invalid_objects",
+                "objects that failed validation (their last valid version is in force)",
+                registry=REGISTRY)
 
 
 class NetmasterService(Service):
     name = "netmaster"
     log = Logger()
 
-    def __init__(self, source: Any, stream: EventStream, store: Any):
+    def __init__(self, source: Any, stream: EventStream, store: Any, *, clock: Any,
+                 prefix: str = "contiv/", publish_delay: float = 0.005,
+                 check_interval: float = 1.0, audit_interval: float = 30.0,
+                 grace_period: float = 60.0, retry_delay: float = 1.0):
         self.source = source
         self.stream = stream
         self.store = store
-        # kind -> key -> the object's Kubernetes JSON
-        self.cluster: dict[str, dict[str, Any]] = {}
-        self.events_seen = 0
+        self.clock = clock
+        self.engine = PolicyEngine()
+        self.publisher = Publisher(store, prefix=prefix, clock=clock,
+                                   grace_period=grace_period)
+        self.publish_delay = publish_delay
+        self.audit_interval = audit_interval
+        self.retry_delay = retry_delay
         self.synced = False
+        self.events_seen = 0
+        self.published_generation: Optional[int] = None
+        self.last_error: Optional[str] = None
+        # events applied to the engine since the last successful publish took
+        # its changes; readiness needs it to be zero.
+        self._unpublished = 0
+        self._unpublished_since: Optional[float] = None
+        self._need_full = True
+        self._scheduled: Any = None
+        self._publishing: Optional[Deferred] = None
+        self._again = False
+        self._last_audit = 0.0
         self._consuming: Optional[Deferred] = None
+        self._checker = LoopingCall(self._check)
+        self._checker.clock = clock
+        self._check_interval = check_interval
+        self._stopping = False
+        # every node an index was published for: a node whose last pod went
+        # away still gets its (empty) index written on a full republish.
+        self._nodes_published: set[str] = set()
+        # kind -> keys of the objects seen, for status reports
+        self._objects: dict[str, set[str]] = {}
+
+    # -- lifecycle
 
     def startService(self) -> Deferred:
         super().startService()
+        self._stopping = False
         self.source.start()
         self._consuming = Deferred.fromCoroutine(self._consume())
         self._consuming.addErrback(
             lambda f: self.log.failure("netmaster stopped consuming cluster events", f))
+        self._checker.start(self._check_interval, now=False)
         return succeed(None)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        if self._checker.running:
+            self._checker.stop()
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        await self.source.stop()
+        self.stream.close()
+        if self._consuming is not None:
+            await self._consuming
+        if self._publishing is not None:
+            await self._publishing
+
+    # -- following the cluster
 
     async def _consume(self) -> None:
         async for item in self.stream:
@@ -46,44 +117,166 @@ class NetmasterService(Service):
                 self.synced = True
                 self.log.info("netmaster has the whole cluster: {counts}",
                               counts=self.counts())
+                self._schedule()
             elif isinstance(item, Event):
                 self.apply(item)
 
     def apply(self, event: Event) -> None:
         self.events_seen += 1
-        objects = self.cluster.setdefault(event.kind, {})
+        EVENTS.labels(event.kind).inc()
+        self.engine.apply(event)
+        keys = self._objects.setdefault(event.kind, set())
         if event.type == DELETED:
-            objects.pop(event.key, None)
+            keys.discard(event.key)
         else:
-            objects[event.key] = event.object
+            keys.add(event.key)
+        if self._unpublished == 0:
+            self._unpublished_since = self.clock.seconds()
+        self._unpublished += 1
+        INVALID.set(len(self.engine.errors))
+        if self.synced:
+            self._schedule()
 
     def counts(self) -> dict[str, int]:
-        return {kind: len(objects) for kind, objects in sorted(self.cluster.items())}
+        return {kind: len(keys) for kind, keys in sorted(self._objects.items()) if keys}
 
-    async def _stop(self) -> None:
-        await self.source.stop()
-        self.stream.close()
-        if self._consuming is not None:
-            await self._consuming
+    # -- publishing
 
-    def stopService(self) -> Deferred:
-        super().stopService()
-        return Deferred.fromCoroutine(self._stop())
+    def _schedule(self, delay: Optional[float] = None) -> None:
+        """One publish per burst: events arriving within the delay share it."""
+        if self._stopping or (self._scheduled is not None and self._scheduled.active()):
+            return
+        self._scheduled = self.clock.callLater(
+            self.publish_delay if delay is None else delay, self._kick)
+
+    def _kick(self) -> None:
+        if self._publishing is not None:
+            self._again = True
+            return
+        publishing = Deferred.fromCoroutine(self._publish_loop())
+        # Against an in-memory store the loop can finish before this line.
+        self._publishing = None if publishing.called else publishing
+
+    async def _publish_loop(self) -> None:
+        try:
+            while True:
+                self._again = False
+                try:
+                    await self._publish_once()
+                except Exception as e:
+                    self.last_error = f"publishing to the store failed: {e}"
+                    PUBLISHES.labels("error").inc()
+                    self.log.error("publishing to the store failed, retrying in {delay} s: "
+                                   "{error}", delay=self.retry_delay, error=e)
+                    # What take_changes handed over is lost with the failed
+                    # publish: the next one writes everything.
+                    self._need_full = True
+                    self._schedule(self.retry_delay)
+                    return
+                if not self._again:
+                    return
+        finally:
+            self._publishing = None
+
+    async def _publish_once(self) -> None:
+        started = self._unpublished_since
+        unpublished = self._unpublished
+        self._unpublished = 0
+        self._unpublished_since = None
+        changes = self.engine.take_changes()
+        full = self._need_full or not await self.publisher.epoch_intact()
+        engine = self.engine
+        if full:
+            policies = list(engine.policies.values())
+            groups = list(engine.groups.values())
+            nodes = sorted(engine.nodes() | self._nodes_published)
+        else:
+            policies = [engine.policies[i] for i in changes.added_policies
+                        if i in engine.policies]
+            groups = [engine.groups[g] for g in changes.changed_groups if g in engine.groups]
+            nodes = sorted(changes.dirty_nodes)
+        if not full and not (policies or groups or nodes) and \
+                self.published_generation is not None:
+            return
+        try:
+            generation = await self.publisher.publish(
+                policies=policies, groups=groups,
+                nodes=[engine.node_index(node) for node in nodes], full=full)
+        except Exception:
+            self._unpublished += unpublished
+            raise
+        self._nodes_published.update(nodes)
+        self._need_full = False
+        self.published_generation = generation
+        self.last_error = None
+        PUBLISHES.labels("full" if full else "incremental").inc()
+        if started is not None:
+            PUBLISH_SECONDS.observe(self.clock.seconds() - started)
+
+    async def _audit(self) -> None:
+        """Find entries the store lost (evicted, restarted) and republish."""
+        if not await self.publisher.epoch_intact():
+            self.log.warn("the store lost netmaster's epoch: republishing everything")
+            self._need_full = True
+            self._schedule(0)
+            return
+        now = self.clock.seconds()
+        if now - self._last_audit < self.audit_interval:
+            return
+        self._last_audit = now
+        missing = await self.publisher.verify(self.publisher.written())
+        if missing:
+            self.log.warn("the store lost {count} entries (e.g. {example}): republishing",
+                          count=len(missing), example=missing[0])
+            self._need_full = True
+            self._schedule(0)
+            return
+        await self.publisher.collect_garbage(
+            self.engine.policies.keys(), [g.key for g in self.engine.groups.values()])
+
+    def _check(self) -> Optional[Deferred]:
+        if not self.synced or self._publishing is not None or self._stopping \
+                or self.published_generation is None:
+            return None
+        d = Deferred.fromCoroutine(self._audit())
+
+        def failed(failure: Any) -> None:
+            self.last_error = f"checking the store failed: {failure.getErrorMessage()}"
+            self.log.warn("checking the store failed: {error}",
+                          error=failure.getErrorMessage())
+
+        # A failed check must not stop the LoopingCall.
+        return d.addErrback(failed)
+
+    # -- reporting
+
+    @property
+    def in_sync(self) -> bool:
+        return (self.synced and self.published_generation is not None
+                and self._unpublished == 0 and self._publishing is None
+                and self.last_error is None and len(self.stream) == 0)
 
     def status(self) -> dict[str, Any]:
         if not self.synced:
             state, detail = "listing", "waiting for the source's initial list"
+        elif self.last_error is not None:
+            state, detail = "store-error", self.last_error
+        elif self.in_sync:
+            state, detail = "published", "everything seen is published"
         else:
-            state, detail = "synced-source", ("the cluster is followed, but policy "
-                                              "compilation and publishing are not "
-                                              "implemented yet")
+            state, detail = "publishing", "changes are being compiled and published"
+        errors = dict(sorted(self.engine.errors.items())[:20])
         return {
             "role": "netmaster",
             "state": state,
-            "in_sync": False,
-            "generation": None,
+            "in_sync": self.in_sync,
+            "generation": self.published_generation,
             "detail": detail,
             "objects": self.counts(),
             "events": self.events_seen,
+            "policies": len(self.engine.policies),
+            "groups": len(self.engine.groups),
+            "invalid_objects": len(self.engine.errors),
+            "errors": errors,
             "source": self.source.status(),
         }

@@ -176,10 +176,9 @@ def test_context_needs_kubeconfig(manifests, capsys):
     assert "source.context: needs source.kubeconfig" in message
 
 
-def test_memcached_store_not_yet(manifests, capsys):
-    message = error_of(["--manifests", manifests, "--store", "memcached://127.0.0.1:11211"],
-                       capsys)
-    assert "store: the memcached store is not implemented yet" in message
+def test_memcached_store(manifests):
+    url = "memcached://127.0.0.1:11211,[::1]:11212"
+    assert load(["--manifests", manifests, "--store", url])["store"] == url
 
 
 def test_manhole_needs_authorized_keys(manifests, capsys):

@@ -1,0 +1,198 @@
+"""netmaster: follow, compile, publish; never before the initial list; recover the store."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import fail, succeed
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from contiv.k8s.events import ADDED, DELETED, MODIFIED, Event, EventStream, Synced
+from contiv.roles.netmaster import NetmasterService
+from contiv.store import StoreUnavailable
+from contiv.store.layout import Reader
+from contiv.store.memory import MemoryStore
+
+
+class FakeSource:
+    def __init__(self):
+        self.started = self.stopped = False
+
+    def start(self):
+        self.started = True
+
+    def stop(self):
+        self.stopped = True
+        return succeed(None)
+
+    def status(self):
+        return {"fake": True}
+
+
+def namespace(name, **labels):
+    return Event(ADDED, "Namespace", name, {"kind": "Namespace", "metadata": {
+        "name": name, "labels": labels}})
+
+
+def pod(name, ip, node="node-1", ns="default", type=ADDED, **labels):
+    return Event(type, "Pod", f"{ns}/{name}", {
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "ports": [
+            {"name": "http", "containerPort": 80, "protocol": "TCP"}]}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
+
+
+def policy(name, ns="default", type=ADDED, port=80, **selector):
+    return Event(type, "NetworkPolicy", f"{ns}/{name}", {
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"podSelector": {"matchLabels": selector},
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                              "ports": [{"port": port}]}]}})
+
+
+class FlakyStore(MemoryStore):
+    """A memory store that can be switched off, as memcached going down."""
+
+    down = False
+
+    def _maybe(self, method, *args):
+        if self.down:
+            return fail(StoreUnavailable("memcached is down"))
+        return method(*args)
+
+    def get_many(self, keys):
+        return self._maybe(super().get_many, keys)
+
+    def set_many(self, items):
+        return self._maybe(super().set_many, items)
+
+    def incr(self, key):
+        return self._maybe(super().incr, key)
+
+
+class NetmasterTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.store = FlakyStore()
+        self.stream = EventStream()
+        self.source = FakeSource()
+        self.netmaster = NetmasterService(self.source, self.stream, self.store,
+                                          clock=self.clock, audit_interval=5.0,
+                                          grace_period=10.0)
+        self.netmaster.startService()
+        self.reader = Reader(self.store, "node-1")
+
+    def tearDown(self):
+        self.successResultOf(self.netmaster.stopService())
+        self.assertTrue(self.source.stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def feed(self, *items):
+        for item in items:
+            self.successResultOf(self.stream.put(item))
+
+    def settle(self, seconds=0.1):
+        for _ in range(int(seconds / 0.005) + 1):
+            self.clock.advance(0.005)
+
+    def read(self):
+        return self.successResultOf(self.reader.poll())
+
+    def test_nothing_published_before_initial_list(self):
+        self.feed(namespace("default"), pod("web", "10.0.0.1", app="web"),
+                  policy("p", app="web"))
+        self.settle()
+        self.assertEqual(self.store.keys(), [])
+        self.assertFalse(self.netmaster.status()["in_sync"])
+        self.assertEqual(self.netmaster.status()["state"], "listing")
+        self.feed(Synced())
+        self.settle()
+        status = self.netmaster.status()
+        self.assertTrue(status["in_sync"], status)
+        self.assertEqual(status["state"], "published")
+        state = self.read()
+        self.assertEqual(len(state.policies), 1)
+        self.assertEqual([p.key for p in state.index.pods], ["default/web"])
+        self.assertEqual(status["generation"], state.generation)
+
+    def test_burst_is_one_publish_and_changes_follow(self):
+        self.feed(namespace("default"), Synced())
+        self.settle()
+        first = self.netmaster.published_generation
+        self.feed(pod("web", "10.0.0.1", app="web"), pod("client", "10.0.0.2", app="client"),
+                  policy("p", app="web"))
+        self.assertFalse(self.netmaster.in_sync)
+        self.settle()
+        self.assertEqual(self.netmaster.published_generation, first + 1)
+        state = self.read()
+        (group,) = [g for g in state.groups.values()
+                    if [m.ip for m in g.members] == ["10.0.0.2"]]
+        self.feed(pod("client", "10.0.0.3", type=MODIFIED, app="client"))
+        self.settle()
+        state = self.read()
+        self.assertIn(["10.0.0.3"], [[m.ip for m in g.members] for g in state.groups.values()])
+        self.assertNotIn(group.key, state.groups)
+
+    def test_invalid_policy_keeps_previous_version(self):
+        self.feed(namespace("default"), pod("web", "10.0.0.1", app="web"),
+                  policy("p", app="web"), Synced())
+        self.settle()
+        before = self.read().policies
+        broken = policy("p", type=MODIFIED, port=99999, app="web")
+        self.feed(broken)
+        self.settle()
+        status = self.netmaster.status()
+        self.assertEqual(status["invalid_objects"], 1)
+        (message,) = status["errors"].values()
+        self.assertIn("default/p", message)
+        self.assertIn("spec.ingress[0].ports[0]", message)
+        self.assertIsNone(self.read())  # nothing new to read...
+        self.assertEqual(self.reader.state.policies, before)  # ...the old policy stands
+
+    def test_store_down_then_back(self):
+        self.feed(namespace("default"), pod("web", "10.0.0.1", app="web"), Synced())
+        self.settle()
+        self.store.down = True
+        self.feed(policy("p", app="web"))
+        self.settle()
+        status = self.netmaster.status()
+        self.assertFalse(status["in_sync"])
+        self.assertEqual(status["state"], "store-error")
+        self.assertIn("memcached is down", status["detail"])
+        self.store.down = False
+        self.settle(1.5)
+        self.assertTrue(self.netmaster.in_sync, self.netmaster.status())
+        self.assertEqual(len(self.read().policies), 1)
+
+    def test_store_lost_everything_republishes(self):
+        self.feed(namespace("default"), pod("web", "10.0.0.1", app="web"),
+                  policy("p", app="web"), Synced())
+        self.settle()
+        generation = self.netmaster.published_generation
+        self.successResultOf(self.store.delete_many(self.store.keys()))  # a restart
+        self.settle(1.2)  # the periodic check
+        state = self.read()
+        self.assertEqual(len(state.policies), 1)
+        self.assertGreater(state.generation, generation)
+
+    def test_evicted_entry_is_rewritten_by_the_audit(self):
+        self.feed(namespace("default"), pod("web", "10.0.0.1", app="web"),
+                  policy("p", app="web"), Synced())
+        self.settle()
+        evicted = [k for k in self.store.keys() if "/policy/" in k]
+        self.successResultOf(self.store.delete_many(evicted))
+        self.settle(6.0)
+        self.assertEqual(sorted(k for k in self.store.keys() if "/policy/" in k), evicted)
+
+    def test_deleted_policy_is_garbage_collected_after_grace(self):
+        self.feed(namespace("default"), pod("web", "10.0.0.1", app="web"),
+                  policy("p", app="web"), Synced())
+        self.settle()
+        (key,) = [k for k in self.store.keys() if "/policy/" in k]
+        self.feed(policy("p", type=DELETED, app="web"))
+        self.settle(6.0)
+        self.assertIn(key, self.store.keys())  # readers may still hold the old index
+        self.settle(12.0)
+        self.assertNotIn(key, self.store.keys())
+        self.assertEqual(self.read().policies, {})
