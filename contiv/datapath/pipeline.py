@@ -1,0 +1,663 @@
+"""
+The policy pipeline (DESIGN.md, "Datapath pipeline") as pure data: the tables
+it is made of, and the flows that enforce one node's share of the compiled
+policies.
+
+Nothing here talks to OVS. L{pipeline_flows} takes a node's state (its
+L{NodeIndex}, the compiled policies by id and the groups by key, as
+L{contiv.store.layout.NodeState} holds them) and returns every flow the bridge
+should hold; the datapath diffs that list against what is installed.
+
+A packet's walk, for a new connection:
+
+  classifier -> conntrack state -> [DNS intercept] -> egress rules
+    -> (egress default) -> ingress rules -> (ingress default) -> commit
+
+Every rule becomes one conjunctive match over its dimensions (local pods,
+peers, ports), so a rule over N pods, M peers and P ports costs N + M + P + 1
+flows. All allows in a rules table lead to the same place, so overlapping
+conjunctions (which OVS resolves unpredictably) cannot change a verdict.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import ipaddress
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Protocol, Union
+
+from contiv.datapath.flows import (
+    CONTROLLER,
+    CT_EST,
+    CT_INV,
+    CT_NEW,
+    CT_REL,
+    CT_TRK,
+    NORMAL,
+    Action,
+    Conjunction,
+    Ct,
+    Flow,
+    Goto,
+    Output,
+)
+from contiv.policy.types import (
+    EGRESS,
+    INGRESS,
+    CompiledPolicy,
+    Group,
+    LocalPod,
+    NamedPort,
+    NodeIndex,
+    PortRule,
+    Rule,
+)
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+ETH_ARP = 0x0806
+ETH_IPV4 = 0x0800
+ETH_IPV6 = 0x86DD
+IP_PROTO = {"TCP": 6, "UDP": 17, "SCTP": 132}
+IPPROTO_ICMPV6 = 58
+ND_TYPES = (133, 134, 135, 136)  # router solicit/advert, neighbour solicit/advert
+DNS_PORT = 53
+
+# Priorities. Single-dimension allows sit above the conjunctions so that a
+# plain flow never shares an identity with a conjunction clause (a flow with
+# conjunction actions can have no other action).
+PRIORITY_STATIC_HIGH = 300
+PRIORITY_STATIC = 200
+PRIORITY_IP = 100
+PRIORITY_ALLOW = 200
+PRIORITY_CONJUNCTION = 100
+PRIORITY_ISOLATED = 100
+PRIORITY_MISS = 0
+
+
+class FlowRefused(ValueError):
+    """A flow that its table's declaration does not allow."""
+
+
+# -- the tables -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Table:
+    """
+    One stage: which fields its flows may match, which tables they may send a
+    packet to (by goto or ct recirculation), and what happens on a miss (the
+    actions of its priority-0 flow).
+    """
+
+    name: str
+    id: int
+    match_fields: frozenset[str]
+    next_tables: frozenset[int]
+    miss: tuple[Action, ...] = ()
+
+    def check(self, candidate: Flow) -> None:
+        if candidate.table != self.id:
+            raise FlowRefused(f"flow for table {candidate.table} checked against "
+                              f"{self.name} ({self.id})")
+        extra = sorted(name for name, _ in candidate.match if name not in self.match_fields)
+        if extra:
+            raise FlowRefused(f"{self.name} flows may not match {', '.join(extra)}: "
+                              f"{candidate}")
+        for action in candidate.actions:
+            target = getattr(action, "table", None)  # Goto, or Ct recirculating
+            if target is not None and target not in self.next_tables:
+                raise FlowRefused(f"{self.name} flows may not send packets to table "
+                                  f"{target}: {candidate}")
+
+
+CLASSIFIER = 0
+CONNTRACK = 10
+DNS_INTERCEPT = 20
+EGRESS_RULES = 30
+EGRESS_DEFAULT = 40
+INGRESS_RULES = 50
+INGRESS_DEFAULT = 60
+COMMIT = 70
+
+_L3 = frozenset({"eth_type"})
+_ADDRESSES = frozenset({"ipv4_src", "ipv4_dst", "ipv6_src", "ipv6_dst"})
+_L4 = frozenset({"ip_proto", "tcp_dst", "udp_dst", "sctp_dst"})
+
+
+def _tables(zone: int) -> dict[int, Table]:
+    """The pipeline, in DESIGN.md's order; ids leave gaps for stages to come."""
+    declared = (
+        Table("classifier", CLASSIFIER,
+              _L3 | {"in_port", "ip_proto", "icmpv6_type", "arp_op"},
+              frozenset({CONNTRACK}), (Output(NORMAL),)),
+        Table("conntrack-state", CONNTRACK, frozenset({"ct_state"}),
+              frozenset({DNS_INTERCEPT, EGRESS_RULES}), ()),
+        Table("dns-intercept", DNS_INTERCEPT,
+              _L3 | {"ip_proto", "udp_dst", "ipv4_src", "ipv6_src"},
+              frozenset({EGRESS_RULES}), (Goto(EGRESS_RULES),)),
+        Table("egress-rules", EGRESS_RULES, _L3 | _ADDRESSES | _L4 | {"conj_id"},
+              frozenset({INGRESS_RULES, EGRESS_DEFAULT}), (Goto(EGRESS_DEFAULT),)),
+        Table("egress-default", EGRESS_DEFAULT, _L3 | {"ipv4_src", "ipv6_src"},
+              frozenset({INGRESS_RULES}), (Goto(INGRESS_RULES),)),
+        Table("ingress-rules", INGRESS_RULES, _L3 | _ADDRESSES | _L4 | {"conj_id"},
+              frozenset({COMMIT, INGRESS_DEFAULT}), (Goto(INGRESS_DEFAULT),)),
+        Table("ingress-default", INGRESS_DEFAULT, _L3 | {"ipv4_dst", "ipv6_dst"},
+              frozenset({COMMIT}), (Goto(COMMIT),)),
+        # OVS accepts ct() only on flows that match IP: the commit is per family,
+        # and the miss (never reached by IP) forwards plainly.
+        Table("commit", COMMIT, _L3, frozenset(), (Output(NORMAL),)),
+    )
+    return {table.id: table for table in declared}
+
+
+TABLES: Mapping[int, Table] = _tables(zone=1)
+
+
+def check_flows(flows: Iterable[Flow], tables: Mapping[int, Table] = TABLES) -> None:
+    """Refuse any flow its table does not allow, and any table not declared."""
+    for candidate in flows:
+        table = tables.get(candidate.table)
+        if table is None:
+            raise FlowRefused(f"no table {candidate.table} in the pipeline: {candidate}")
+        table.check(candidate)
+
+
+# -- ports ------------------------------------------------------------------------
+
+def port_range_masks(first: int, last: int, width: int = 16) -> list[tuple[int, int]]:
+    """
+    The fewest (value, mask) pairs whose matches together hold exactly
+    first..last: the largest aligned power-of-two block at each step.
+    """
+    top = (1 << width) - 1
+    if not 0 <= first <= last <= top:
+        raise ValueError(f"bad port range {first}..{last}")
+    blocks = []
+    while first <= last:
+        size = first & -first if first else 1 << width
+        while first + size - 1 > last:
+            size >>= 1
+        blocks.append((first, top & ~(size - 1)))
+        first += size
+    return blocks
+
+
+# -- conjunction ids --------------------------------------------------------------
+
+ConjunctionKey = tuple  # (policy id, direction, rule index, variant)
+
+
+class ConjunctionIds:
+    """
+    Conjunction ids derived from what a conjunction enforces, kept across
+    generations: the datapath diffs flows between generations, so an
+    unchanged rule must keep its id. A hash collision moves the newcomer to
+    the next free id; the holder keeps its own.
+    """
+
+    def __init__(self, space: int = 2**32 - 1):
+        self._space = space  # ids are 1..space; 0 is every packet's conj_id
+        self._by_key: dict[ConjunctionKey, int] = {}
+        self._key_of: dict[int, ConjunctionKey] = {}
+
+    def id_for(self, key: ConjunctionKey) -> int:
+        known = self._by_key.get(key)
+        if known is not None:
+            return known
+        if len(self._key_of) >= self._space:
+            raise RuntimeError("conjunction ids exhausted")
+        digest = hashlib.sha256(repr(key).encode()).digest()
+        candidate = int.from_bytes(digest[:8], "big") % self._space + 1
+        while candidate in self._key_of:
+            candidate = candidate % self._space + 1
+        self._by_key[key] = candidate
+        self._key_of[candidate] = key
+        return candidate
+
+    def retain(self, keys: Iterable[ConjunctionKey]) -> None:
+        """Forget every key not in C{keys}, freeing its id."""
+        kept = set(keys)
+        for key in [k for k in self._by_key if k not in kept]:
+            del self._key_of[self._by_key.pop(key)]
+
+
+# -- the node's view ----------------------------------------------------------------
+
+class NodeStateLike(Protocol):
+    index: NodeIndex
+    policies: Mapping[str, CompiledPolicy]
+    groups: Mapping[str, Group]
+
+
+@functools.lru_cache(maxsize=65536)
+def _normal(address: str) -> str:
+    """One spelling per address (IPv6 has many), so that equal addresses match equal."""
+    return str(ipaddress.ip_address(address))
+
+
+Addressed = tuple[tuple[str, tuple[NamedPort, ...]], ...]  # (address, its pod's named ports)
+
+
+@dataclass(frozen=True)
+class _NodeView:
+    """What the generator reads, each group's addresses normalised once."""
+
+    node: str
+    policies: tuple[CompiledPolicy, ...]  # sorted by id
+    members: Mapping[str, Addressed]  # group id -> every member
+    local_members: Mapping[str, Addressed]  # group id -> the members that are pods here
+    known: Mapping[str, tuple[NamedPort, ...]]  # every pod address the node knows of
+
+    @classmethod
+    def of(cls, state: NodeStateLike) -> "_NodeView":
+        node = state.index.node
+        local_pods = {pod.key for pod in state.index.pods}
+        members: dict[str, Addressed] = {}
+        local_members: dict[str, Addressed] = {}
+        known: dict[str, tuple[NamedPort, ...]] = {}
+        for key in state.index.groups:
+            group = state.groups.get(key)
+            if group is None:
+                raise KeyError(f"node {node}: group {key} missing from the state")
+            addressed = sorted({(_normal(m.ip), m.named_ports, m.pod in local_pods)
+                                for m in group.members}, key=lambda m: (m[0], repr(m[1:])))
+            members[group.id] = tuple((a, ports) for a, ports, _ in addressed)
+            local_members[group.id] = tuple((a, ports) for a, ports, here in addressed if here)
+            known.update(members[group.id])
+        for pod in state.index.pods:
+            for ip in pod.ips:
+                known[_normal(ip)] = pod.named_ports
+        policies = []
+        for policy_id in state.index.policies:
+            policy = state.policies.get(policy_id)
+            if policy is None:
+                raise KeyError(f"node {node}: policy {policy_id} missing from the state")
+            for group_id in policy.group_ids():
+                if group_id not in members:
+                    raise KeyError(f"node {node}: policy {policy_id} references group "
+                                   f"{group_id}, which the node's index does not name")
+            policies.append(policy)
+        return cls(node, tuple(sorted(policies, key=lambda p: p.id)), members, local_members,
+                   known)
+
+
+# -- rules as conjunctions ------------------------------------------------------------
+
+# A port match: (protocol, value, mask); value None means every port.
+PortMatch = tuple[str, Optional[int], int]
+
+
+@dataclass(frozen=True)
+class _Conjunctive:
+    """
+    One conjunction to install: the local addresses it applies to, the peers
+    (None: any address) and the ports (None: every port and protocol).
+    """
+
+    key: ConjunctionKey
+    table: int
+    targets: tuple[str, ...]
+    peers: Optional[tuple[Network, ...]]
+    ports: Optional[tuple[PortMatch, ...]]
+
+
+@functools.lru_cache(maxsize=65536)
+def _host(address: str) -> Network:
+    # The same peers recur in rule after rule; parsing dominated large states.
+    return ipaddress.ip_network(address)
+
+
+def _port_matches(ports: Iterable[PortRule]) -> tuple[PortMatch, ...]:
+    matches: list[PortMatch] = []
+    for rule in ports:
+        if rule.port is None:
+            matches.append((rule.protocol, None, 0))
+        elif rule.end_port is None:
+            matches.append((rule.protocol, rule.port, 0xFFFF))
+        else:
+            matches.extend((rule.protocol, value, mask)
+                           for value, mask in port_range_masks(rule.port, rule.end_port))
+    return tuple(sorted(set(matches), key=lambda m: (m[0], m[1] or 0, m[2])))
+
+
+def _resolved(named_ports: Iterable[NamedPort], rule: PortRule) -> Optional[int]:
+    for named in named_ports:
+        if named.name == rule.name and named.protocol == rule.protocol:
+            return named.port
+    return None
+
+
+def _rule_conjunctions(view: _NodeView, policy: CompiledPolicy, direction: str, index: int,
+                       rule: Rule) -> list[_Conjunctive]:
+    """
+    The conjunctions of one rule. A named port is resolved per destination
+    pod: for ingress over the local targets, for egress over the peers; each
+    distinct (protocol, number) it resolves to gets its own conjunction, over
+    only the pods that resolve it so, so that the name never matches a pod
+    that does not define it.
+    """
+    ingress = direction == INGRESS
+    table = INGRESS_RULES if ingress else EGRESS_RULES
+    targets_with_ports = view.local_members[policy.applied_to]
+    targets = tuple(address for address, _ in targets_with_ports)
+    if not targets:
+        return []
+    peer_addresses = sorted({address for g in rule.peer_groups
+                             for address, _ in view.members[g]})
+    cidrs = tuple(ipaddress.ip_network(c) for c in rule.cidrs)
+    peers: Optional[tuple[Network, ...]] = (
+        None if rule.any_peer else tuple(_host(a) for a in peer_addresses) + cidrs)
+    key = (policy.id, direction, index)
+
+    numbered = [p for p in rule.ports if p.name is None]
+    named = [p for p in rule.ports if p.name is not None]
+    conjunctions = []
+    if not rule.ports:
+        conjunctions.append(_Conjunctive(key + ("all",), table, targets, peers, None))
+    if numbered:
+        conjunctions.append(_Conjunctive(key + ("ports",), table, targets, peers,
+                                         _port_matches(numbered)))
+    if not named:
+        return conjunctions
+
+    # (protocol, number) -> the addresses (targets for ingress, peers for egress) it is on
+    resolved: dict[tuple[str, int], set[str]] = defaultdict(set)
+    if ingress:
+        candidates = targets_with_ports
+    else:
+        candidates = _named_port_destinations(view, rule, cidrs)
+    for address, named_ports in candidates:
+        for port_rule in named:
+            number = _resolved(named_ports, port_rule)
+            if number is not None:
+                resolved[(port_rule.protocol, number)].add(address)
+    for (protocol, number), addresses in sorted(resolved.items()):
+        ports = ((protocol, number, 0xFFFF),)
+        on = tuple(sorted(addresses))
+        variant = key + ("named", protocol, number)
+        if ingress:
+            conjunctions.append(_Conjunctive(variant, table, on, peers, ports))
+        else:
+            conjunctions.append(_Conjunctive(variant, table, targets,
+                                             tuple(_host(a) for a in on), ports))
+    return conjunctions
+
+
+def _named_port_destinations(view: _NodeView, rule: Rule,
+                             cidrs: tuple[Network, ...]) -> Addressed:
+    """
+    The destinations an egress named port can resolve on: the peer groups'
+    members, and the pods this node knows of that the rule's CIDRs (or any
+    peer) admit. A pod the node knows nothing of cannot be resolved here.
+    """
+    chosen: dict[str, tuple[NamedPort, ...]] = {}
+    for group_id in rule.peer_groups:
+        chosen.update(view.members[group_id])
+    for address, named_ports in view.known.items():
+        if rule.any_peer or any(ipaddress.ip_address(address) in network
+                                for network in cidrs):
+            chosen[address] = named_ports
+    return tuple(sorted(chosen.items()))
+
+
+# -- matches ---------------------------------------------------------------------------
+
+def _family(version: int) -> int:
+    return ETH_IPV4 if version == 4 else ETH_IPV6
+
+
+def _address_match(network: Network, side: str) -> dict[str, Any]:
+    return dict(_address_match_items(network, side))
+
+
+@functools.lru_cache(maxsize=65536)
+def _address_match_items(network: Network, side: str) -> tuple[tuple[str, Any], ...]:
+    """
+    An address or network as OVS keeps it: a host as a plain address, /0 as
+    no constraint at all, anything else as (network, netmask).
+    """
+    match: list[tuple[str, Any]] = [("eth_type", _family(network.version))]
+    name = f"ipv{network.version}_{side}"
+    if network.prefixlen == network.max_prefixlen:
+        match.append((name, str(network.network_address)))
+    elif network.prefixlen:
+        match.append((name, (str(network.network_address), str(network.netmask))))
+    return tuple(match)
+
+
+def _port_match(port: PortMatch, eth_type: int) -> dict[str, Any]:
+    protocol, value, mask = port
+    match: dict[str, Any] = {"eth_type": eth_type, "ip_proto": IP_PROTO[protocol]}
+    if value is not None and mask:
+        match[f"{protocol.lower()}_dst"] = value if mask == 0xFFFF else (value, mask)
+    return match
+
+
+def _dimensions(conjunctive: _Conjunctive) -> list[list[dict[str, Any]]]:
+    """
+    The matches of each dimension, restricted to the address families both
+    ends can have (a port match needs its family, so it exists once per family).
+    """
+    ingress = conjunctive.table == INGRESS_RULES
+    own_side, peer_side = ("dst", "src") if ingress else ("src", "dst")
+    targets = [_host(a) for a in conjunctive.targets]
+    families = {t.version for t in targets}
+    if conjunctive.peers is not None:
+        families &= {p.version for p in conjunctive.peers}
+    if not families:
+        return []
+    dimensions = [[_address_match(t, own_side) for t in targets if t.version in families]]
+    if conjunctive.peers is not None:
+        dimensions.append([_address_match(p, peer_side) for p in conjunctive.peers
+                           if p.version in families])
+    if conjunctive.ports is not None:
+        dimensions.append([_port_match(port, _family(version))
+                           for version in sorted(families) for port in conjunctive.ports])
+    if any(not matches for matches in dimensions):
+        return []
+    return dimensions
+
+
+# -- assembling ---------------------------------------------------------------------------
+
+@dataclass
+class _FlowSet:
+    """
+    Flows by identity. Two conjunction clauses with the same identity become
+    one flow carrying both conjunction actions, as OpenFlow has only one flow
+    per (table, priority, match).
+    """
+
+    cookie: int
+    # identity -> its actions (a dict as an ordered set: a peer shared by
+    # many rules collects many conjunction actions)
+    _actions: dict[tuple, dict[Action, None]] = field(default_factory=dict)
+
+    def add(self, table: int, priority: int, match: Mapping[str, Any],
+            actions: tuple[Action, ...]) -> None:
+        identity = (table, priority, tuple(sorted(match.items())))
+        held = self._actions.get(identity)
+        if held is None:
+            self._actions[identity] = dict.fromkeys(actions)
+            return
+        if _is_clause(actions) and _is_clause(held):
+            held.update(dict.fromkeys(actions))
+        elif tuple(held) != actions:
+            raise FlowRefused(f"two flows at {identity} with different actions: "
+                              f"{tuple(held)} and {actions}")
+
+    def flows(self) -> list[Flow]:
+        built = []
+        for (table, priority, match), held in self._actions.items():
+            actions = tuple(held)
+            if _is_clause(actions):
+                actions = tuple(sorted(actions, key=lambda a: (a.id, a.clause)))
+            built.append(Flow(table, priority, match, actions, self.cookie))
+        built.sort(key=lambda f: (f.table, -f.priority, repr(f.match)))
+        return built
+
+
+def _is_clause(actions: Iterable[Action]) -> bool:
+    """
+    Whether these are a clause flow's actions. A clause flow carries nothing
+    but conjunctions, and the set only ever merges clause with clause, so
+    the first action tells.
+    """
+    return isinstance(next(iter(actions), None), Conjunction)
+
+
+def _next_table(conjunctive: _Conjunctive) -> int:
+    return COMMIT if conjunctive.table == INGRESS_RULES else INGRESS_RULES
+
+
+def _add_conjunctive(flows: _FlowSet, conjunctive: _Conjunctive,
+                     dimensions: list[list[dict[str, Any]]], ids: ConjunctionIds) -> int:
+    """Add one rule variant's flows; returns how many flows it contributed."""
+    hit = (Goto(_next_table(conjunctive)),)
+    if len(dimensions) == 1:
+        for match in dimensions[0]:
+            flows.add(conjunctive.table, PRIORITY_ALLOW, match, hit)
+        return len(dimensions[0])
+    conj_id = ids.id_for(conjunctive.key)
+    count = len(dimensions)
+    for clause, matches in enumerate(dimensions, start=1):
+        for match in matches:
+            flows.add(conjunctive.table, PRIORITY_CONJUNCTION, match,
+                      (Conjunction(conj_id, clause, count),))
+    flows.add(conjunctive.table, PRIORITY_CONJUNCTION, {"conj_id": conj_id}, hit)
+    return sum(len(m) for m in dimensions) + 1
+
+
+def _rules(policy: CompiledPolicy):
+    """(direction, index within the direction, rule) for the directions the policy isolates."""
+    for direction in (EGRESS, INGRESS):
+        if direction not in policy.types:
+            continue
+        index = 0
+        for rule in policy.rules:
+            if rule.direction == direction:
+                yield direction, index, rule
+                index += 1
+
+
+def _static_flows(flows: _FlowSet, zone: int, dns_intercept: bool) -> None:
+    flows.add(CLASSIFIER, PRIORITY_STATIC, {"eth_type": ETH_ARP}, (Output(NORMAL),))
+    for nd_type in ND_TYPES:
+        flows.add(CLASSIFIER, PRIORITY_STATIC,
+                  {"eth_type": ETH_IPV6, "ip_proto": IPPROTO_ICMPV6, "icmpv6_type": nd_type},
+                  (Output(NORMAL),))
+    for eth_type in (ETH_IPV4, ETH_IPV6):
+        flows.add(CLASSIFIER, PRIORITY_IP, {"eth_type": eth_type},
+                  (Ct(zone, table=CONNTRACK),))
+        flows.add(COMMIT, PRIORITY_IP, {"eth_type": eth_type},
+                  (Ct(zone, commit=True), Output(NORMAL)))
+
+    flows.add(CONNTRACK, PRIORITY_STATIC_HIGH, {"ct_state": (CT_TRK | CT_INV, CT_TRK | CT_INV)},
+              ())
+    flows.add(CONNTRACK, PRIORITY_STATIC, {"ct_state": (CT_TRK | CT_EST, CT_TRK | CT_EST)},
+              (Output(NORMAL),))
+    # Below established so that the two never overlap at one priority.
+    flows.add(CONNTRACK, PRIORITY_STATIC - 10,
+              {"ct_state": (CT_TRK | CT_REL, CT_TRK | CT_REL)}, (Output(NORMAL),))
+    flows.add(CONNTRACK, PRIORITY_IP, {"ct_state": (CT_TRK | CT_NEW, CT_TRK | CT_NEW)},
+              (Goto(DNS_INTERCEPT if dns_intercept else EGRESS_RULES),))
+
+
+def _local_addresses(pods: Iterable[LocalPod]) -> list[Network]:
+    return sorted({_host(ip) for pod in pods for ip in pod.ips},
+                  key=lambda n: (n.version, n))
+
+
+def _isolated(view: _NodeView, direction: str) -> list[Network]:
+    addresses = {address for policy in view.policies if direction in policy.types
+                 for address, _ in view.local_members[policy.applied_to]}
+    return sorted((_host(a) for a in addresses), key=lambda n: (n.version, n))
+
+
+@dataclass(frozen=True)
+class RuleFlowCount:
+    """
+    What one rule cost: C{targets} (N, local addresses), C{peers} (M, peer
+    addresses and networks, 0 for any peer), C{ports} (P, masked port matches,
+    counted once per address family the rule spans) summed over its
+    conjunctions, and the flows it contributed before merging with other rules.
+    """
+
+    policy: str
+    direction: str
+    rule: int
+    targets: int
+    peers: int
+    ports: int
+    conjunctions: int
+    flows: int
+
+    @property
+    def bound(self) -> int:
+        """N + M + P + 1 per conjunction (a single-dimension rule needs no conj_id flow)."""
+        return self.targets + self.peers + self.ports + self.conjunctions
+
+
+def _build(state: NodeStateLike, zone: int, dns_intercept: bool, cookie: int,
+           conjunction_ids: Optional[ConjunctionIds]):
+    ids = conjunction_ids if conjunction_ids is not None else ConjunctionIds()
+    view = _NodeView.of(state)
+    flows = _FlowSet(cookie)
+    tables = _tables(zone)
+    _static_flows(flows, zone, dns_intercept)
+
+    if dns_intercept:
+        for address in _local_addresses(state.index.pods):
+            match = _address_match(address, "src")
+            match.update(ip_proto=IP_PROTO["UDP"], udp_dst=DNS_PORT)
+            flows.add(DNS_INTERCEPT, PRIORITY_STATIC, match, (Output(CONTROLLER),))
+
+    counts = []
+    keys = []
+    for policy in view.policies:
+        for direction, index, rule in _rules(policy):
+            targets = peers = ports = conjunctions = contributed = 0
+            for conjunctive in _rule_conjunctions(view, policy, direction, index, rule):
+                dimensions = _dimensions(conjunctive)
+                if not dimensions:
+                    continue
+                keys.append(conjunctive.key)
+                contributed += _add_conjunctive(flows, conjunctive, dimensions, ids)
+                targets += len(dimensions[0])
+                peers += len(dimensions[1]) if conjunctive.peers is not None else 0
+                ports += len(dimensions[-1]) if conjunctive.ports is not None else 0
+                conjunctions += len(dimensions) > 1
+            counts.append(RuleFlowCount(policy.id, direction, index, targets, peers, ports,
+                                        conjunctions, contributed))
+    ids.retain(keys)
+
+    for direction, table in ((EGRESS, EGRESS_DEFAULT), (INGRESS, INGRESS_DEFAULT)):
+        side = "src" if direction == EGRESS else "dst"
+        for address in _isolated(view, direction):
+            flows.add(table, PRIORITY_ISOLATED, _address_match(address, side), ())
+
+    for table in tables.values():
+        if table.id == DNS_INTERCEPT and not dns_intercept:
+            continue
+        flows.add(table.id, PRIORITY_MISS, {}, table.miss)
+    built = flows.flows()
+    check_flows(built, tables)
+    return built, counts
+
+
+def pipeline_flows(state: NodeStateLike, *, zone: int = 1, dns_intercept: bool = False,
+                   cookie: int = 0, conjunction_ids: Optional[ConjunctionIds] = None
+                   ) -> list[Flow]:
+    """
+    Every flow of the pipeline for one node's state, sorted by table, then
+    priority (highest first). Pass the same C{conjunction_ids} from one
+    generation to the next so that unchanged rules keep their conjunction ids.
+    """
+    return _build(state, zone, dns_intercept, cookie, conjunction_ids)[0]
+
+
+def flow_count_report(state: NodeStateLike) -> list[RuleFlowCount]:
+    """Per rule of every policy on the node: N, M, P and the flows it produced."""
+    return _build(state, 1, False, 0, None)[1]
