@@ -227,6 +227,10 @@ KEYS: tuple[Key, ...] = (
         "several clusters can share a memcached", "contiv/", metavar="PREFIX"),
     Key("openflow.connect", "openflow", _endpoint_checker("client"), "Twisted client "
         "endpoint of the OVS bridge, e.g. unix:/var/run/openvswitch/br0.mgmt", metavar="EP"),
+    Key("openflow.bridge", "bridge", _string, "the OVS bridge's name (default: from "
+        "openflow.connect's management socket, br0.mgmt -> br0)", metavar="NAME"),
+    Key("openflow.ovsdb", "ovsdb", _string, "OVSDB server for the bridge's settings, as "
+        "ovs-vsctl --db takes it (default: ovs-vsctl's own)", metavar="DB"),
     Key("dns.listen", "dns-listen", _listen_address, "host:port for the DNS server "
         "([::1]:53 for IPv6): UDP and TCP", metavar="ADDR"),
     Key("dns.upstreams", "dns-upstream", _upstreams, "upstream resolver host[:port]; repeat "
@@ -356,6 +360,11 @@ def check_consistency(values: Mapping[str, Any]) -> None:
     if len(sources) > 1:
         raise ConfigError(sources[1], f"only one source may be set, but {', '.join(sources)} "
                           "are")
+    if values.get("openflow.connect") and not values.get("openflow.bridge"):
+        try:
+            bridge_from_endpoint(values["openflow.connect"])
+        except ValueError as e:
+            raise ConfigError("openflow.bridge", str(e)) from None
     if not sources and values.get("role") in ("netmaster", "all"):
         raise ConfigError("source.manifests", "netmaster needs a source of cluster objects: "
                           "set source.manifests, source.kubeconfig or source.in_cluster")
@@ -366,6 +375,17 @@ def check_consistency(values: Mapping[str, Any]) -> None:
             raise ConfigError("manhole.authorized_keys", "the manhole needs an "
                               "authorized_keys file: it accepts SSH keys only")
         check_manhole_address(values["manhole.listen"], values.get("manhole.allow_remote"))
+
+
+def bridge_from_endpoint(description: str) -> str:
+    """The bridge a unix:.../<bridge>.mgmt endpoint names."""
+    path = description.split(":", 1)[1].split(":", 1)[0] if description.startswith("unix:") \
+        else ""
+    name = os.path.basename(path)
+    if not name.endswith(".mgmt") or len(name) <= len(".mgmt"):
+        raise ValueError(f"cannot tell the bridge's name from openflow.connect "
+                         f"{description!r}: set openflow.bridge")
+    return name[:-len(".mgmt")]
 
 
 def check_manhole_address(description: str, allow_remote: bool) -> None:

@@ -1,8 +1,10 @@
 """
-A private Open vSwitch for tests and benchmarks: ovsdb-server and a userspace
-ovs-vswitchd with their own run/log/db directories, the switch in a network
-namespace of its own (two userspace datapaths in one namespace clash on their
-shared ovs-netdev device), and pods as network namespaces on veth ports.
+A private Open vSwitch with pods, for the tests, the benchmarks and the
+embedded demo: ovsdb-server and a userspace ovs-vswitchd with their own
+run/log/db directories, the switch in a network namespace of its own (two
+userspace datapaths in one namespace clash on their shared ovs-netdev device),
+and pods as network namespaces on veth ports. Blocking calls: this is set-up
+code, never used by the daemon itself.
 """
 
 from __future__ import annotations
@@ -127,9 +129,10 @@ class PrivateOVS:
         self.start_vswitchd()
         self._wait(lambda: os.path.exists(self.mgmt_socket), 20, "the bridge's mgmt socket")
 
-    def add_pod(self, name: str, ip: str, prefix_len: int = 24) -> Pod:
+    def add_pod(self, name: str, ip: str, prefix_len: int = 24, *,
+                netns: Optional[str] = None, namespace: str = "default") -> Pod:
         """A pod: a network namespace whose eth0 is a veth into the bridge."""
-        netns = f"p{self.tag}{name}"
+        netns = netns or f"p{self.tag}{name}"
         self._add_netns(netns)
         port = f"v{self.tag}{len(self.pods)}"
         run(["ip", "link", "add", port, "netns", self.switch_netns, "type", "veth", "peer",
@@ -145,7 +148,7 @@ class PrivateOVS:
         mac = run(["ip", "netns", "exec", netns, "cat", "/sys/class/net/eth0/address"]) \
             .stdout.strip()
         self.vsctl("add-port", self.bridge, port, "--", "set", "Interface", port,
-                   f"external_ids:iface-id=default/{name}", f"external_ids:ip={ip}")
+                   f"external_ids:iface-id={namespace}/{name}", f"external_ids:ip={ip}")
         ofport = int(self.vsctl("get", "Interface", port, "ofport"))
         pod = Pod(name, netns, ip, mac, port, ofport)
         self.pods[name] = pod

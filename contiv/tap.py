@@ -220,7 +220,26 @@ def build_netmaster(config: configuration.Config, reactor: Any, store: Any,
 def build_netplugin(config: configuration.Config, reactor: Any, store: Any) -> Any:
     from contiv.roles.netplugin import NetpluginService
 
-    return NetpluginService(config["node"], store)
+    datapath = client = None
+    if config["openflow.connect"]:
+        from contiv.datapath.manager import DatapathManager
+        from contiv.datapath.ovsdb import BridgeSettings
+        from contiv.openflow.client import OpenFlowClient
+
+        settings = BridgeSettings(reactor, bridge_name(config), config["openflow.ovsdb"])
+        datapath = DatapathManager(reactor, settings)
+        client = OpenFlowClient(reactor, config["openflow.connect"],
+                                on_connect=datapath.connected)
+    return NetpluginService(config["node"], store, clock=reactor,
+                            prefix=config["store_prefix"], datapath=datapath,
+                            openflow_client=client)
+
+
+def bridge_name(config: configuration.Config) -> str:
+    """openflow.bridge, or the name in the management socket's path (br0.mgmt -> br0)."""
+    if config["openflow.bridge"]:
+        return config["openflow.bridge"]
+    return configuration.bridge_from_endpoint(config["openflow.connect"])
 
 
 def build_http(config: configuration.Config, reactor: Any, root: ContivService) -> Any:

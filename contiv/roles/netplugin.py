@@ -1,38 +1,103 @@
 """
-The netplugin role: applies this node's share of the store to the local OVS
-bridge and serves DNS.
+The netplugin role: polls the store for this node's share and keeps the
+local OVS bridge's flows equal to its pipeline.
 
-The OpenFlow datapath and the DNS server are not implemented yet; the role
-starts, stops and reports that, and /readyz therefore stays 503.
+It is in sync only when the newest complete generation it has read is the
+one the bridge confirmed (bundle commit). Without a bridge (no
+openflow.connect) it can read the store but enforces nothing, and says so.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from contiv.store.layout import Reader
 
-class NetpluginService(Service):
+
+class NetpluginService(MultiService):
     name = "netplugin"
     log = Logger()
 
-    def __init__(self, node: str, store: Any):
+    def __init__(self, node: str, store: Any, *, clock: Any, prefix: str = "contiv/",
+                 datapath: Any = None, openflow_client: Any = None,
+                 poll_interval: float = 0.1):
+        super().__init__()
         self.node = node
         self.store = store
-        self.applied_generation = None
+        self.clock = clock
+        self.reader = Reader(store, node, prefix=prefix)
+        self.datapath = datapath
+        self.openflow_client = openflow_client
+        if openflow_client is not None:
+            openflow_client.setServiceParent(self)
+        self._poller = LoopingCall(self._poll)
+        self._poller.clock = clock
+        self.poll_interval = poll_interval
+        self._polling: Optional[Deferred] = None
 
-    def startService(self) -> None:
+    def startService(self) -> Deferred:
         super().startService()
+        self._poller.start(self.poll_interval, now=True)
         self.log.info("netplugin started for node {node}", node=self.node)
+        return succeed(None)
+
+    def stopService(self) -> Deferred:
+        if self._poller.running:
+            self._poller.stop()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await super().stopService()
+
+    def _poll(self) -> Deferred:
+        d = Deferred.fromCoroutine(self._poll_once())
+        # A failed poll must not end the LoopingCall: the reader keeps the
+        # last complete state and says why in its problem.
+        return d.addErrback(lambda f: self.log.failure("polling the store failed", f))
+
+    async def _poll_once(self) -> None:
+        state = await self.reader.poll()
+        if state is not None and self.datapath is not None:
+            self.datapath.update(state)
+
+    @property
+    def in_sync(self) -> bool:
+        read = self.reader.state
+        return (self.datapath is not None and read is not None
+                and self.reader.problem is None
+                and self.datapath.applied_generation == read.generation)
 
     def status(self) -> dict[str, Any]:
-        return {
+        read = self.reader.state
+        if self.datapath is None:
+            state, detail = "no-datapath", ("no bridge is configured (openflow.connect): "
+                                            "nothing is enforced")
+        elif read is None:
+            state, detail = "waiting-for-store", self.reader.problem or \
+                "no complete generation read yet"
+        elif self.datapath.protocol is None:
+            state, detail = "bridge-disconnected", "waiting for the OpenFlow connection"
+        elif self.in_sync:
+            state, detail = "applied", "the newest generation is confirmed by the bridge"
+        elif self.datapath.last_error:
+            state, detail = "bridge-error", self.datapath.last_error
+        else:
+            state, detail = "applying", self.reader.problem or "a change is being applied"
+        status = {
             "role": "netplugin",
             "node": self.node,
-            "state": "no-datapath",
-            "in_sync": False,
-            "generation": self.applied_generation,
-            "detail": "the OpenFlow datapath is not implemented yet",
+            "state": state,
+            "in_sync": self.in_sync,
+            "generation": self.datapath.applied_generation if self.datapath else None,
+            "read_generation": read.generation if read is not None else None,
+            "detail": detail,
+            "store_problem": self.reader.problem,
         }
+        if self.datapath is not None:
+            status["datapath"] = self.datapath.status()
+        return status

@@ -55,7 +55,7 @@ def test_role_all_with_config_file(tmp_path, manifests):
 
         code, body = http_get(f"http://127.0.0.1:{port}/readyz")
         document = json.loads(body)
-        # Nothing is programmed into OVS yet, so the daemon must not say ready.
+        # Without a bridge (no --openflow) nothing is enforced: the daemon must not say ready.
         assert code == 503 and document["ready"] is False
         assert set(document["roles"]) == {"netmaster", "netplugin"}
         assert document["roles"]["netplugin"]["node"] == "node-1"
@@ -131,10 +131,10 @@ def test_misconfiguration_exits_1_with_one_message(tmp_path, manifests, args, me
 
 def test_unknown_key_in_file(tmp_path, manifests):
     config = tmp_path / "contiv.yaml"
-    config.write_text(f"source: {{manifests: {manifests}}}\nopenflow: {{bridge: br0}}\n")
+    config.write_text(f"source: {{manifests: {manifests}}}\nopenflow: {{colour: blue}}\n")
     result = run_to_exit(["--config", str(config)], str(tmp_path))
     assert result.returncode == 1
-    assert result.stderr.strip() == (f"contiv: configuration error: openflow.bridge: "
+    assert result.stderr.strip() == (f"contiv: configuration error: openflow.colour: "
                                      f"unknown key (in {config})")
 
 

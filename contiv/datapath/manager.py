@@ -1,0 +1,229 @@
+"""
+Keeps the bridge's flow tables equal to the pipeline of the newest complete
+node state.
+
+Every change goes to OVS as one atomic, ordered bundle: the difference
+between the flows installed and the flows wanted (deletes, modifies, adds), so
+no packet ever meets half a policy. A bundle OVS rejects applies nothing; the
+flows installed stay as they were and the error is reported.
+
+Flows carry a cookie: the round number in the high 32 bits, contiv's mark in
+the low 32. On every (re)connection -- netplugin restarted, OVS restarted --
+a new round is taken from OVSDB and the whole pipeline is installed with it
+(an add replaces an old-round flow of the same identity in place), and only
+once that is confirmed are the flows of older rounds deleted, by cookie. The
+bridge is never flushed and flows without contiv's mark are never touched.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as CountBy
+from typing import Any, Optional
+
+from prometheus_client import Counter, Gauge, Histogram
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from contiv.datapath.flows import Flow
+from contiv.datapath.pipeline import ConjunctionIds, pipeline_flows
+from contiv.metrics import REGISTRY
+from contiv.openflow.flowmod import ADD, DELETE_STRICT, MODIFY_STRICT, FlowEncoder, \
+    delete_by_cookie
+
+MARK = 0x00C0_7100
+MARK_MASK = 0xFFFF_FFFF
+ALL_BITS = 0xFFFF_FFFF_FFFF_FFFF
+
+FLOWS = Gauge("contiv_datapath_flows", "flows contiv has installed in the bridge",
+              registry=REGISTRY)
+CHANGES = Counter("contiv_datapath_flow_mods", "flow-mods sent in bundles, by command",
+                  ["command"], registry=REGISTRY)
+REJECTED = Counter("contiv_datapath_rejected_changes",
+                   "changes OVS rejected (rolled back whole)", registry=REGISTRY)
+APPLY_SECONDS = Histogram("contiv_datapath_apply_seconds",
+                          "time to compute, send and confirm one change",
+                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                   1, 2.5, 5, 10, 30), registry=REGISTRY)
+
+
+def cookie_for(round_number: int) -> int:
+    return ((round_number & 0xFFFF_FFFF) << 32) | MARK
+
+
+def round_of(cookie: int) -> Optional[int]:
+    return cookie >> 32 if cookie & MARK_MASK == MARK else None
+
+
+class ChangeRejected(Exception):
+    """OVS refused a bundle; nothing of it applied. Names the flows it refused."""
+
+    def __init__(self, error: Exception, culprits: list[str]):
+        self.error = error
+        self.culprits = culprits
+        named = f"; refused: {'; '.join(culprits[:3])}" if culprits else ""
+        super().__init__(f"OVS rejected the change, nothing of it applied: {error}{named}")
+
+
+def _culprits(error: Exception, first: Optional[int], changes: list) -> list[str]:
+    """The flows whose xids the errors carry (xids were handed out in order)."""
+    if first is None:
+        return []
+    named = []
+    for one in getattr(error, "errors", [error]):
+        xid = getattr(one, "xid", None)
+        if xid is None:
+            continue
+        position = (xid - first) & 0xFFFF_FFFF
+        if position < len(changes):
+            command, flow = changes[position]
+            named.append(f"{flow} ({getattr(one, 'code_name', one)})")
+    return named
+
+
+class DatapathManager:
+    log = Logger()
+
+    def __init__(self, clock: Any, settings: Any, *, zone: int = 1,
+                 dns_intercept: bool = False):
+        self.clock = clock
+        self.settings = settings
+        self.zone = zone
+        self.dns_intercept = dns_intercept
+        self.encoder = FlowEncoder()
+        self.conjunction_ids = ConjunctionIds()
+        self.protocol: Any = None
+        self.round: Optional[int] = None
+        self.installed: dict[tuple, Flow] = {}
+        self.state: Any = None
+        self.applied_generation: Optional[int] = None
+        self.last_error: Optional[str] = None
+        self._fresh_connection = False
+        self._running: Optional[Deferred] = None
+        self._again = False
+
+    # -- inputs
+
+    def connected(self, protocol: Any) -> Deferred:
+        """A (re)connection: whatever was installed may be gone (OVS restarted)."""
+        self.protocol = protocol
+        self._fresh_connection = True
+        self.applied_generation = None
+        if protocol.on_disconnect is None:
+            protocol.on_disconnect = lambda reason: self._lost(protocol)
+        return self._kick()
+
+    def _lost(self, protocol: Any) -> None:
+        if self.protocol is protocol:
+            self.protocol = None
+            self.applied_generation = None
+
+    def update(self, state: Any) -> Deferred:
+        """A newer complete node state from the store."""
+        self.state = state
+        return self._kick()
+
+    # -- the loop: one change at a time, the newest state wins
+
+    def _kick(self) -> Deferred:
+        if self._running is not None:
+            self._again = True
+            return self._running
+        running = Deferred.fromCoroutine(self._loop())
+        self._running = None if running.called else running
+        return running
+
+    async def _loop(self) -> None:
+        try:
+            while True:
+                self._again = False
+                try:
+                    await self._apply()
+                except Exception as e:
+                    self.last_error = str(e)
+                    self.log.error("applying generation {generation} to the bridge failed: "
+                                   "{error}", generation=getattr(self.state, "generation", None),
+                                   error=e)
+                if not self._again:
+                    return
+        finally:
+            self._running = None
+
+    async def _apply(self) -> None:
+        protocol, state = self.protocol, self.state
+        if protocol is None or state is None:
+            return
+        started = self.clock.seconds()
+        if self._fresh_connection:
+            await self._install_round(protocol, state)
+        else:
+            await self._install_difference(protocol, state)
+        self.applied_generation = state.generation
+        self.last_error = None
+        APPLY_SECONDS.observe(self.clock.seconds() - started)
+
+    def _wanted(self, state: Any) -> dict[tuple, Flow]:
+        flows = pipeline_flows(state, zone=self.zone, dns_intercept=self.dns_intercept,
+                               cookie=cookie_for(self.round or 0),
+                               conjunction_ids=self.conjunction_ids)
+        return {flow.identity: flow for flow in flows}
+
+    async def _install_round(self, protocol: Any, state: Any) -> None:
+        ours = await protocol.flow_stats(cookie=MARK, cookie_mask=MARK_MASK)
+        rounds = {round_of(stats.cookie) for stats in ours}
+        await self.settings.secure()
+        self.round = await self.settings.next_round(max(rounds, default=0) or 0)
+        wanted = self._wanted(state)
+        await self._bundle(protocol, [(ADD, flow) for flow in wanted.values()])
+        # The new round is in place: only now may the old rounds go.
+        if rounds:
+            protocol.send_raw([delete_by_cookie(cookie_for(old), ALL_BITS,
+                                                protocol.next_xid()) for old in sorted(rounds)])
+            await protocol.barrier()
+        self.installed = wanted
+        self._fresh_connection = False
+        FLOWS.set(len(wanted))
+        self.log.info("installed round {round}: {flows} flows for generation {generation}; "
+                      "deleted rounds {old}", round=self.round, flows=len(wanted),
+                      generation=state.generation, old=sorted(rounds))
+
+    async def _install_difference(self, protocol: Any, state: Any) -> None:
+        wanted = self._wanted(state)
+        installed = self.installed
+        changes = [(DELETE_STRICT, flow) for identity, flow in installed.items()
+                   if identity not in wanted]
+        for identity, flow in wanted.items():
+            old = installed.get(identity)
+            if old is None:
+                changes.append((ADD, flow))
+            elif old != flow:
+                changes.append((MODIFY_STRICT, flow))
+        if changes:
+            await self._bundle(protocol, changes)
+        self.installed = wanted
+        FLOWS.set(len(wanted))
+
+    async def _bundle(self, protocol: Any, changes: list[tuple[int, Flow]]) -> None:
+        """One atomic, ordered bundle: deletes first, so that no add meets a stale twin."""
+        order = {DELETE_STRICT: 0, MODIFY_STRICT: 1, ADD: 2}
+        changes.sort(key=lambda change: order[change[0]])
+        bundle = await protocol.open_bundle()
+        encode = self.encoder.encode
+        first = protocol.add_many_to_bundle(bundle, [encode(flow, command, 0)
+                                                     for command, flow in changes])
+        try:
+            await protocol.commit_bundle(bundle)
+        except Exception as e:
+            REJECTED.inc()
+            raise ChangeRejected(e, _culprits(e, first, changes)) from None
+        sent = CountBy(command for command, _ in changes)
+        for command, name in ((ADD, "add"), (MODIFY_STRICT, "modify"),
+                              (DELETE_STRICT, "delete")):
+            if sent[command]:
+                CHANGES.labels(name).inc(sent[command])
+
+    # -- reporting
+
+    def status(self) -> dict[str, Any]:
+        return {"round": self.round, "flows": len(self.installed),
+                "connected": self.protocol is not None,
+                "applied_generation": self.applied_generation, "error": self.last_error}

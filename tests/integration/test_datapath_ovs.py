@@ -1,0 +1,254 @@
+"""
+Policy enforced in a real Open vSwitch: a private userspace bridge, pods as
+network namespaces on veth ports, the real daemon (twistd --role=all) on a
+manifests directory, and real TCP, UDP and ICMP between the pods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import shutil
+
+import pytest
+import yaml
+
+from tests.support import ovs as ovs_support
+from tests.support.k8s_semantics import connection_allowed
+from tests.support.processes import free_port, http_get, start_twistd, wait_for
+from tests.support.traffic import Pinger, connects, pings, serve
+
+pytestmark = pytest.mark.integration
+
+MARK = 0x00C07100
+
+PODS = {  # name: (ip, labels, named ports)
+    "web": ("10.244.1.11", {"app": "web"}, [("http", 80, "TCP")]),
+    "db": ("10.244.1.21", {"app": "db"}, [("postgres", 5432, "TCP")]),
+    "client": ("10.244.1.31", {"app": "client"}, []),
+    "monitor": ("10.244.1.41", {"app": "monitor"}, []),
+}
+
+
+def pod_object(name):
+    ip, labels, ports = PODS[name]
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "labels": labels},
+            "spec": {"nodeName": "node-1", "containers": [{"name": name, "image": "x", "ports": [
+                {"name": n, "containerPort": p, "protocol": proto} for n, p, proto in ports]}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
+
+
+def policy(name, target, peers, ports=None):
+    rule = {"from": [{"podSelector": {"matchLabels": {"app": peer}}} for peer in peers]}
+    if ports is not None:
+        rule["ports"] = ports
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"podSelector": {"matchLabels": {"app": target}} if target else {},
+                     "policyTypes": ["Ingress"], "ingress": [rule] if peers else []}}
+
+
+POLICIES = {
+    "deny.yaml": policy("default-deny-ingress", None, []),
+    "client-web.yaml": policy("allow-client-to-web", "web", ["client"],
+                              [{"protocol": "TCP", "port": "http"}]),
+    "web-db.yaml": policy("allow-web-to-db", "db", ["web"], [{"protocol": "TCP", "port": 5432}]),
+    "monitor-web.yaml": policy("allow-monitor-to-web", "web", ["monitor"]),
+}
+
+
+def cluster_objects(directory):
+    objects = []
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name)) as f:
+            for document in yaml.safe_load_all(f):
+                objects.extend(document["items"] if document.get("kind") == "List"
+                               else [document])
+    return objects
+
+
+class Node:
+    """One node: a private OVS with the pods, and the daemon enforcing the manifests."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.manifests = os.path.join(workdir, "manifests")
+        os.makedirs(self.manifests)
+        self.write("namespace.yaml", {"apiVersion": "v1", "kind": "Namespace",
+                                      "metadata": {"name": "default"}})
+        self.write("pods.yaml", {"apiVersion": "v1", "kind": "List",
+                                 "items": [pod_object(name) for name in PODS]})
+        for file, obj in POLICIES.items():
+            self.write(file, obj)
+        self.ovs = ovs_support.PrivateOVS(os.path.join(workdir, "ovs"))
+        self.ovs.start()
+        self.pods = {name: self.ovs.add_pod(name, PODS[name][0]) for name in PODS}
+        self.servers = []
+        for name in ("web", "db"):
+            for proto in ("tcp", "udp"):
+                for port in (80, 5432):
+                    self.servers.append(serve(self.pods[name], proto, port))
+        self.port = free_port()
+        self.daemon = None
+
+    def write(self, file, obj):
+        path = os.path.join(self.manifests, file)
+        with open(path + ".tmp", "w") as f:
+            yaml.safe_dump(obj, f)
+        os.rename(path + ".tmp", path)
+
+    def start_daemon(self):
+        self.log = os.path.join(self.workdir, f"contiv-{free_port()}.log")
+        self.daemon = start_twistd(
+            ["--role=all", "--node=node-1", "--manifests", self.manifests,
+             "--openflow", f"unix:{self.ovs.mgmt_socket}", "--ovsdb",
+             f"unix:{self.ovs.db_socket}", "--http", f"tcp:{self.port}:interface=127.0.0.1"],
+            self.workdir, self.log)
+        return self.daemon
+
+    def ready(self, timeout=30):
+        def check():
+            if self.daemon.poll() is not None:
+                raise AssertionError(f"the daemon exited: {open(self.log).read()[-3000:]}")
+            answer = http_get(f"http://127.0.0.1:{self.port}/readyz")
+            return answer is not None and answer[0] == 200 and json.loads(answer[1])
+        return wait_for(check, timeout, "/readyz to answer 200")
+
+    def contiv_flows(self):
+        text = self.ovs.ofctl("dump-flows", self.ovs.bridge).stdout
+        cookies = [int(c, 16) for c in re.findall(r"cookie=(0x[0-9a-f]+)", text)]
+        return [c for c in cookies if c & 0xFFFFFFFF == MARK]
+
+    def stop(self):
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGTERM)
+            try:
+                self.daemon.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait(timeout=10)
+        for server in self.servers:
+            server.kill()
+            server.wait(timeout=10)
+        self.ovs.stop()
+
+
+@pytest.fixture
+def node():
+    missing = ovs_support.available()
+    if missing:
+        pytest.fail(f"a private Open vSwitch cannot run here: {missing}")
+    workdir = tempfile.mkdtemp(prefix="contiv-ovs-")
+    node = Node(workdir)
+    try:
+        yield node
+    finally:
+        node.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def ip(name):
+    return PODS[name][0]
+
+
+def test_policies_enforced_with_real_traffic(node):
+    node.start_daemon()
+    status = node.ready()
+    assert status["roles"]["netplugin"]["state"] == "applied"
+    p = node.pods
+    assert connects(p["client"], ip("web"), 80)            # named port http
+    assert not connects(p["client"], ip("web"), 5432)      # web only opens http to client
+    assert not connects(p["client"], ip("db"), 5432)       # client must go through web
+    assert connects(p["web"], ip("db"), 5432)
+    assert not connects(p["db"], ip("web"), 80)
+    assert not connects(p["web"], ip("db"), 5432, proto="udp")  # the rule says TCP
+    assert connects(p["monitor"], ip("web"), 5432, proto="udp")  # no ports: everything
+    assert pings(p["monitor"], ip("web"))
+    assert not pings(p["client"], ip("web"))
+    assert not pings(p["web"], ip("client"))               # the default deny
+    assert node.contiv_flows(), "the pipeline is installed with contiv's cookie"
+
+
+def test_established_connection_survives_policy_removal(node):
+    node.start_daemon()
+    node.ready()
+    p = node.pods
+    stream = Pinger(p["monitor"], ip("web"))
+    wait_for(lambda: pings(p["monitor"], ip("web")), 10, "monitor to reach web")
+    generation = node.ready()["roles"]["netplugin"]["generation"]
+    os.unlink(os.path.join(node.manifests, "monitor-web.yaml"))
+    wait_for(lambda: node.ready()["roles"]["netplugin"]["generation"] > generation, 20,
+             "the policy removal to be applied")
+    assert not pings(p["monitor"], ip("web"))  # a new flow is denied now...
+    sent, received = stream.stop()
+    assert sent > 20 and received == sent  # ...the established one never broke
+
+
+def test_netplugin_restart_under_traffic(node):
+    daemon = node.start_daemon()
+    node.ready()
+    first_round = {c >> 32 for c in node.contiv_flows()}
+    assert len(first_round) == 1
+    p = node.pods
+    allowed = Pinger(p["monitor"], ip("web"))
+    denied = Pinger(p["client"], ip("web"))
+    wait_for(lambda: pings(p["monitor"], ip("web")), 10, "monitor to reach web")
+    daemon.send_signal(signal.SIGKILL)
+    daemon.wait(timeout=10)
+    assert pings(p["monitor"], ip("web"))  # flows outlive the daemon (fail-secure)
+    assert not pings(p["client"], ip("web"))
+    node.start_daemon()
+    node.ready()
+    assert pings(p["monitor"], ip("web"))
+    allowed_sent, allowed_received = allowed.stop()
+    denied_sent, denied_received = denied.stop()
+    assert allowed_sent > 20 and allowed_received == allowed_sent
+    assert denied_sent > 20 and denied_received == 0
+    rounds = {c >> 32 for c in node.contiv_flows()}
+    assert len(rounds) == 1 and rounds != first_round, "only the new round is left"
+
+
+def test_ovs_restart_flows_come_back(node):
+    node.start_daemon()
+    node.ready()
+    before = len(node.contiv_flows())
+    node.ovs.restart_vswitchd()
+    wait_for(lambda: len(node.contiv_flows()) == before, 30, "the flows to be reinstalled")
+    node.ready()
+    p = node.pods
+    assert connects(p["client"], ip("web"), 80)
+    assert not connects(p["client"], ip("db"), 5432)
+
+
+def trace_allows(node, src, dst, proto, port):
+    src_pod = node.pods[src]
+    flow = (f"in_port={src_pod.ofport},{proto},dl_src={src_pod.mac},"
+            f"dl_dst={node.pods[dst].mac},nw_src={ip(src)},nw_dst={ip(dst)},{proto}_dst={port}")
+    out = node.ovs.appctl("ofproto/trace", node.ovs.bridge, flow, "--ct-next", "trk,new")
+    # One "Datapath actions" per pass: before conntrack, and after the recirculation.
+    actions = [line for line in out.splitlines() if line.startswith("Datapath actions:")]
+    assert len(actions) == 2, out
+    return actions[-1].strip() != "Datapath actions: drop"
+
+
+def test_trace_agrees_with_kubernetes_semantics(node):
+    node.start_daemon()
+    node.ready()
+    objects = cluster_objects(node.manifests)
+    probes = 0
+    for src in PODS:
+        for dst in PODS:
+            if src == dst:
+                continue
+            for proto in ("tcp", "udp", "sctp"):
+                for port in (80, 5432, 8080):
+                    expected = connection_allowed(objects, ip(src), ip(dst), proto.upper(), port)
+                    assert trace_allows(node, src, dst, proto, port) == expected, \
+                        (src, dst, proto, port, expected)
+                    probes += 1
+    assert probes == 12 * 9
