@@ -1,0 +1,76 @@
+"""netplugin: in sync only when the bridge confirmed the newest generation it read."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from contiv.policy.types import LocalPod, NodeIndex
+from contiv.roles.netplugin import NetpluginService
+from contiv.store.layout import Publisher
+from contiv.store.memory import MemoryStore
+
+
+class FakeDatapath:
+    def __init__(self):
+        self.protocol = object()
+        self.applied_generation = None
+        self.last_error = None
+        self.states = []
+        self.confirm = True
+
+    def update(self, state):
+        self.states.append(state)
+        if self.confirm:
+            self.applied_generation = state.generation
+        return succeed(None)
+
+    def status(self):
+        return {"applied_generation": self.applied_generation}
+
+
+class NetpluginTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.store = MemoryStore()
+        self.publisher = Publisher(self.store, clock=self.clock)
+
+    def publish(self, pods=()):
+        index = NodeIndex("node-1", (), (), tuple(LocalPod(p, ("10.0.0.1",)) for p in pods))
+        return self.successResultOf(Deferred.fromCoroutine(self.publisher.publish(
+            policies=[], groups=[], nodes=[index], full=True)))
+
+    def test_without_a_bridge_never_in_sync(self):
+        netplugin = NetpluginService("node-1", self.store, clock=self.clock)
+        netplugin.startService()
+        self.publish()
+        self.clock.advance(0.2)
+        status = netplugin.status()
+        self.assertFalse(status["in_sync"])
+        self.assertEqual(status["state"], "no-datapath")
+        self.assertIsNotNone(status["read_generation"])
+        self.successResultOf(netplugin.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_in_sync_follows_the_bridge(self):
+        datapath = FakeDatapath()
+        netplugin = NetpluginService("node-1", self.store, clock=self.clock, datapath=datapath)
+        netplugin.startService()
+        self.assertEqual(netplugin.status()["state"], "waiting-for-store")
+        first = self.publish(["default/a"])
+        self.clock.advance(0.1)
+        self.assertTrue(netplugin.status()["in_sync"])
+        self.assertEqual(netplugin.status()["generation"], first)
+
+        datapath.confirm = False  # the bridge has not confirmed the next one
+        second = self.publish(["default/a", "default/b"])
+        self.clock.advance(0.1)
+        status = netplugin.status()
+        self.assertFalse(status["in_sync"])
+        self.assertEqual((status["generation"], status["read_generation"]), (first, second))
+
+        datapath.applied_generation = second
+        self.assertTrue(netplugin.status()["in_sync"])
+        self.successResultOf(netplugin.stopService())
+
