@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Mapping, Optional
 
 INGRESS = "Ingress"
@@ -122,8 +123,10 @@ class Group:
     id: str
     members: tuple[Member, ...]
 
-    @property
+    @cached_property
     def key(self) -> str:
+        # Cached: the members never change, and hashing thousands of them is
+        # the most expensive thing a publish would otherwise repeat.
         return self.id + "." + digest([m.to_json() for m in self.members])
 
     def to_json(self) -> dict:
@@ -204,7 +207,7 @@ class CompiledPolicy:
         return cls(value["namespace"], value["name"], value["appliedTo"],
                    tuple(value["types"]), tuple(Rule.from_json(r) for r in value["rules"]))
 
-    @property
+    @cached_property
     def id(self) -> str:
         readable = f"{self.namespace}.{self.name}"[:180]
         return f"{readable}.{digest(self.to_json())}"

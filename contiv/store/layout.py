@@ -127,6 +127,8 @@ class Publisher:
         self._written: set[str] = set()
         self._index_chunks: dict[str, int] = {}  # node -> chunks of its index as written
         self._unreferenced_since: dict[str, float] = {}
+        # node -> (the pods tuple last encoded, its canonical JSON)
+        self._pods_json: dict[str, tuple[tuple, bytes]] = {}
         self.epoch: Optional[str] = None
         self.generation = 0
 
@@ -187,7 +189,7 @@ class Publisher:
         index_chunks: dict[str, int] = {}
         for index in nodes:
             name = node_name(index.node)
-            items = self._encode(name, {"generation": target, "index": index.to_json()})
+            items = self._encode_bytes(name, self._index_bytes(index, target))
             indexes.update(items)
             count = len(items) - 1 if len(items) > 1 else 0
             index_chunks[index.node] = count
@@ -284,9 +286,29 @@ class Publisher:
 
     # -- helpers
 
+    def _index_bytes(self, index: NodeIndex, generation: int) -> bytes:
+        """
+        The canonical JSON of C{{"generation", "index"}}, reusing the encoding
+        of the node's local pods while the engine hands over the same pods
+        tuple: a pod event elsewhere changes group keys in many indexes, but
+        not their (large) pod lists.
+        """
+        cached = self._pods_json.get(index.node)
+        if cached is not None and cached[0] is index.pods:
+            pods = cached[1]
+        else:
+            pods = canonical_json([pod.to_json() for pod in index.pods])
+            self._pods_json[index.node] = (index.pods, pods)
+        head = canonical_json({"groups": list(index.groups), "node": index.node})[:-1]
+        return (b'{"generation":' + str(generation).encode() + b',"index":' + head
+                + b',"pods":' + pods + b',"policies":' + canonical_json(list(index.policies))
+                + b"}}")
+
     def _encode(self, name: str, doc: Any) -> dict[str, bytes]:
+        return self._encode_bytes(name, canonical_json(doc))
+
+    def _encode_bytes(self, name: str, data: bytes) -> dict[str, bytes]:
         key = self.key(name)
-        data = canonical_json(doc)
         if len(data) <= self.item_size:
             return {key: data}
         size = self.item_size

@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from contiv.policy.types import (INGRESS, CompiledPolicy, Group, LocalPod, Member, NodeIndex,
+                                 canonical_json,
                                  PortRule, Rule)
 from contiv.store import InvalidKey, StoreError, StoreUnavailable
 from contiv.store.layout import NodeState, Publisher, Reader
@@ -631,3 +632,12 @@ class KeyTests(unittest.SynchronousTestCase):
             Reader(store, "n" * 250)
         with self.assertRaises(InvalidKey):
             Reader(store, "node with spaces")
+
+
+def test_index_encoding_is_the_canonical_json():
+    """The pre-encoded node index is byte for byte what canonical_json would write."""
+    policies, groups, indexes = make_cluster(nodes=("n1",))
+    publisher = Publisher(MemoryStore(), clock=Clock())
+    for index in indexes * 2:  # the second time from the cached pods encoding
+        assert publisher._index_bytes(index, 7) == canonical_json(
+            {"generation": 7, "index": index.to_json()})
