@@ -232,8 +232,10 @@ class NodeStateLike(Protocol):
 
 
 @functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=1 << 18)
 def _normal(address: str) -> str:
     """One spelling per address (IPv6 has many), so that equal addresses match equal."""
+    # Cached: every rebuild normalises every member of every group the node uses.
     return str(ipaddress.ip_address(address))
 
 
@@ -395,10 +397,11 @@ def _named_port_destinations(view: _NodeView, rule: Rule,
     chosen: dict[str, tuple[NamedPort, ...]] = {}
     for group_id in rule.peer_groups:
         chosen.update(view.members[group_id])
-    for address, named_ports in view.known.items():
-        if rule.any_peer or any(ipaddress.ip_address(address) in network
-                                for network in cidrs):
-            chosen[address] = named_ports
+    if rule.any_peer or cidrs:
+        for address, named_ports in view.known.items():
+            if rule.any_peer or any(ipaddress.ip_address(address) in network
+                                    for network in cidrs):
+                chosen[address] = named_ports
     return tuple(sorted(chosen.items()))
 
 
@@ -495,7 +498,10 @@ class _FlowSet:
             if _is_clause(actions):
                 actions = tuple(sorted(actions, key=lambda a: (a.id, a.clause)))
             built.append(Flow(table, priority, match, actions, self.cookie))
-        built.sort(key=lambda f: (f.table, -f.priority, repr(f.match)))
+        # Insertion order is already deterministic (the generator walks sorted
+        # policies and members); sorting by match text would cost more than
+        # the rest of a rebuild.
+        built.sort(key=lambda f: (f.table, -f.priority))
         return built
 
 
