@@ -10,40 +10,22 @@ import copy
 import json
 import os
 import shutil
-import signal
 import tempfile
 
 import pytest
 import treq
-from twisted.internet import protocol, reactor, task
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
 from tests.support.k8s_apiserver import FakeApiServer, load_fixture, write_kubeconfig
+from tests.support.reactor_process import Collector, sleep
 from tests.support.processes import TWISTD, contiv_env, free_port
 
 pytestmark = pytest.mark.integration
 
 FIXTURES = ("namespace.json", "pods.json", "networkpolicy.json", "service.json",
             "endpointslice.json")
-
-
-class Collector(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = bytearray()
-        self.ended: Deferred = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        self.ended.callback(reason.value)
-
-
-async def sleep(seconds: float) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
 
 
 class NetmasterAgainstApiServer(unittest.TestCase):

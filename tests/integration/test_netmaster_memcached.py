@@ -12,35 +12,18 @@ import shutil
 import tempfile
 
 import pytest
-from twisted.internet import protocol, reactor, task
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
 from contiv.store.layout import Reader
 from contiv.store.memcached import MemcachedStore
+from tests.support.reactor_process import Collector, sleep
 from tests.support.processes import REPO, TWISTD, MemcachedServer, contiv_env
 
 pytestmark = pytest.mark.integration
 
 EXAMPLES = os.path.join(REPO, "examples", "manifests")
-
-
-class Collector(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = bytearray()
-        self.ended: Deferred = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:
-        self.ended.callback(reason.value)
-
-
-async def sleep(seconds: float) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
 
 
 class NetmasterPublishesToMemcached(unittest.TestCase):

@@ -5,7 +5,6 @@ import os
 import pytest
 
 from contiv import config
-from contiv.config import ConfigError
 from contiv.tap import Options
 
 

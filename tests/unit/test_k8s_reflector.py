@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List
+from typing import Dict, List
 
 import pytest
 from twisted.internet import task
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from contiv.k8s.client import ApiError
-from contiv.k8s.events import ADDED, DELETED, MODIFIED, Event, EventStream, Synced
+from contiv.k8s.events import ADDED, DELETED, MODIFIED, EventStream, Synced
 from contiv.k8s.reflector import RESOURCES, ApiSource, Backoff, Reflector, Resource
 
 POD = Resource("Pod", "/api/v1/pods", "v1")

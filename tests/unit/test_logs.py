@@ -1,10 +1,10 @@
 import io
 import json
 
-from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.logger import Logger
 from twisted.trial import unittest
 
-from contiv.logs import format_json, json_observer
+from contiv.logs import json_observer
 
 
 class JSONLogTests(unittest.SynchronousTestCase):

@@ -1,7 +1,7 @@
 """The service tree: start in order, stop in reverse, failures reported."""
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
 from twisted.internet import endpoints
