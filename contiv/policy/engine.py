@@ -145,7 +145,15 @@ class _GroupState:
     @property
     def group(self) -> Group:
         if self._group is None:
-            self._group = Group(self.id, tuple(self.members))
+            group = Group(self.id, tuple(self.members))
+            # Group.key and Group.canonical are cached properties: fill them
+            # from the member encodings kept here instead of encoding every
+            # member again when the group is published.
+            group.__dict__["key"] = self.key
+            group.__dict__["canonical"] = (b'{"id":' + _CANONICAL.encode(self.id).encode()
+                                           + b',"members":[' + b",".join(self.fragments)
+                                           + b"]}")
+            self._group = group
         return self._group
 
     @property
@@ -250,7 +258,7 @@ class PolicyEngine:
         # node -> (its policies, the ids of the groups they reference, its
         # local pods): kept until a pod or policy change marks the node, since
         # a group's new members change only the keys, not which groups.
-        self._node_contents: dict[str, tuple[tuple[str, ...], frozenset[str],
+        self._node_contents: dict[str, tuple[tuple[str, ...], tuple[str, ...],
                                              tuple[LocalPod, ...]]] = {}
         # As of the last take_changes:
         self._taken_group_keys: dict[str, str] = {}
@@ -570,11 +578,13 @@ class PolicyEngine:
         return NodeIndex(
             node=node,
             policies=policy_ids,
-            groups=tuple(sorted(self._groups[group_id].key for group_id in group_ids)),
+            # Keys are "<id>.<hash>" with ids of one length: in id order, they
+            # are sorted, so no sort per index (a pod event rebuilds many).
+            groups=tuple([self._groups[group_id].key for group_id in group_ids]),
             pods=pods,
         )
 
-    def _contents_of(self, node: str) -> tuple[tuple[str, ...], frozenset[str],
+    def _contents_of(self, node: str) -> tuple[tuple[str, ...], tuple[str, ...],
                                                 tuple[LocalPod, ...]]:
         local = self._grouped_pods_on.get(node, {})
         policy_keys: set[str] = set()
@@ -582,7 +592,8 @@ class PolicyEngine:
             for group_id in self._member_of.get(pod_key, ()):
                 policy_keys.update(self._groups[group_id].applied_by)
         policies = [self._compiled[k] for k in policy_keys]
-        group_ids = frozenset(group_id for policy in policies for group_id in policy.group_ids())
+        group_ids = tuple(sorted({group_id for policy in policies
+                                  for group_id in policy.group_ids()}))
         pods = tuple(LocalPod(k, local[k].ips, local[k].named_ports) for k in sorted(local))
         return tuple(sorted(self._policy_ids[k] for k in policy_keys)), group_ids, pods
 

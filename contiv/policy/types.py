@@ -132,6 +132,11 @@ class Group:
     def to_json(self) -> dict:
         return {"id": self.id, "members": [m.to_json() for m in self.members]}
 
+    @cached_property
+    def canonical(self) -> bytes:
+        """canonical_json(self.to_json()): what the store holds (the engine pre-fills it)."""
+        return canonical_json(self.to_json())
+
     @classmethod
     def from_json(cls, value: Mapping) -> "Group":
         return cls(value["id"], tuple(Member.from_json(m) for m in value["members"]))

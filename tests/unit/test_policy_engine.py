@@ -546,3 +546,26 @@ def test_random_sequences_publish_completely_and_match_a_fresh_start(seed):
             for port in (80, 8080):
                 assert judge.verdict(src, dst, "TCP", port) == \
                     fresh_judge.verdict(src, dst, "TCP", port)
+
+
+def test_engine_groups_carry_their_canonical_encoding():
+    """The engine fills Group.key and Group.canonical; they equal what the group would compute."""
+    from contiv.policy.types import Group, canonical_json
+
+    engine = PolicyEngine()
+    engine.apply(Event(ADDED, "Namespace", "default",
+                       {"kind": "Namespace", "metadata": {"name": "default"}}))
+    for i in range(3):
+        engine.apply(Event(ADDED, "Pod", f"default/p{i}", {
+            "kind": "Pod", "metadata": {"name": f"p{i}", "namespace": "default",
+                                        "labels": {"app": "web"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": [
+                {"name": "http", "containerPort": 80}]}]},
+            "status": {"phase": "Running", "podIP": f"10.0.0.{i + 1}"}}))
+    engine.apply(Event(ADDED, "NetworkPolicy", "default/p", {
+        "kind": "NetworkPolicy", "metadata": {"name": "p", "namespace": "default"},
+        "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [{}]}}))
+    (group,) = engine.groups.values()
+    fresh = Group(group.id, group.members)
+    assert group.canonical == fresh.canonical == canonical_json(fresh.to_json())
+    assert group.key == fresh.key

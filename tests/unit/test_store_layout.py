@@ -641,3 +641,11 @@ def test_index_encoding_is_the_canonical_json():
     for index in indexes * 2:  # the second time from the cached pods encoding
         assert publisher._index_bytes(index, 7) == canonical_json(
             {"generation": 7, "index": index.to_json()})
+
+
+def test_index_encoding_with_unusual_keys_and_empty_lists():
+    publisher = Publisher(MemoryStore(), clock=Clock())
+    for index in (NodeIndex("n1", (), (), ()),
+                  NodeIndex("n\u00e9", ("p.1",), ('g."odd".1',), (LocalPod("a/b", ("::1",)),))):
+        assert publisher._index_bytes(index, 3) == canonical_json(
+            {"generation": 3, "index": index.to_json()})
