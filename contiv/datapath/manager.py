@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from prometheus_client import Counter, Gauge, Histogram
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from contiv.datapath.flows import Flow
@@ -52,6 +53,32 @@ def cookie_for(round_number: int) -> int:
 
 def round_of(cookie: int) -> Optional[int]:
     return cookie >> 32 if cookie & MARK_MASK == MARK else None
+
+
+# About what a unix socket's buffer takes in one write: measured on OVS 3.1,
+# 1,500-flow chunks let OVS install while Python encodes (300,000 flows in
+# 1.6 s against 1.9 s in one piece); 5,000 or 10,000 were no better than one.
+CHUNK = 1_500
+
+
+async def add_in_chunks(protocol: Any, bundle: int, encoder: FlowEncoder,
+                        changes: list[tuple[int, Flow]], clock: Any,
+                        chunk: int = CHUNK) -> Optional[int]:
+    """
+    Encode a change into an open bundle a chunk at a time, giving the reactor
+    a turn to write each chunk before encoding the next, so that OVS works on
+    one chunk on the other core meanwhile. Returns the first message's xid.
+    """
+    encode = encoder.encode
+    first = None
+    for start in range(0, len(changes), chunk):
+        if start:
+            await deferLater(clock, 0, lambda: None)
+        xid = protocol.add_many_to_bundle(
+            bundle, [encode(flow, command, 0) for command, flow in changes[start:start + chunk]])
+        if first is None:
+            first = xid
+    return first
 
 
 class ChangeRejected(Exception):
@@ -207,9 +234,7 @@ class DatapathManager:
         order = {DELETE_STRICT: 0, MODIFY_STRICT: 1, ADD: 2}
         changes.sort(key=lambda change: order[change[0]])
         bundle = await protocol.open_bundle()
-        encode = self.encoder.encode
-        first = protocol.add_many_to_bundle(bundle, [encode(flow, command, 0)
-                                                     for command, flow in changes])
+        first = await add_in_chunks(protocol, bundle, self.encoder, changes, self.clock)
         try:
             await protocol.commit_bundle(bundle)
         except Exception as e:
