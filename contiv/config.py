@@ -52,30 +52,6 @@ def _boolean(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
-def _positive_number(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"expected a positive number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected a positive number, got {value!r}") from None
-    if not number > 0:
-        raise ValueError(f"expected a positive number, got {value!r}")
-    return number
-
-
-def _positive_integer(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"expected a positive integer, got {value!r}")
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected a positive integer, got {value!r}") from None
-    if number <= 0 or (isinstance(value, float) and value != number):
-        raise ValueError(f"expected a positive integer, got {value!r}")
-    return number
-
-
 def _choice(choices: Sequence[str]) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in choices:
