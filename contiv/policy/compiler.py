@@ -54,7 +54,14 @@ def compile_rule(direction: str, rule: PolicyRule, namespace: str, group) -> Rul
     peer_groups = sorted({group(peer_group(peer, namespace))
                           for peer in rule.peers if peer.ip_block is None})
     cidrs = merge_ip_blocks(peer.ip_block for peer in rule.peers if peer.ip_block is not None)
-    return Rule(direction, tuple(peer_groups), cidrs, not rule.peers, normalise_ports(rule.ports))
+    ports = normalise_ports(rule.ports)
+    port_groups: tuple[str, ...] = ()
+    if direction == EGRESS and (cidrs or not rule.peers) and \
+            any(port.name is not None for port in ports):
+        # A named port resolves on the destination pod, which may run on any
+        # node: the source node needs every pod's container ports.
+        port_groups = (group(GroupSelector(None, LabelSelector(), None)),)
+    return Rule(direction, tuple(peer_groups), cidrs, not rule.peers, ports, port_groups)
 
 
 def peer_group(peer: Peer, namespace: str) -> GroupSelector:

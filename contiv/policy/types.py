@@ -177,16 +177,24 @@ class Rule:
     cidrs: tuple[str, ...]  # sorted, non-overlapping
     any_peer: bool
     ports: tuple[PortRule, ...]
+    # Groups that only tell where named ports are: an egress rule with a named
+    # port and no peer groups to resolve it on (any peer, or ipBlocks) needs
+    # the container ports of every pod, wherever it runs. Never peers.
+    port_groups: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
-        return {"direction": self.direction, "peerGroups": list(self.peer_groups),
-                "cidrs": list(self.cidrs), "anyPeer": self.any_peer,
-                "ports": [p.to_json() for p in self.ports]}
+        value = {"direction": self.direction, "peerGroups": list(self.peer_groups),
+                 "cidrs": list(self.cidrs), "anyPeer": self.any_peer,
+                 "ports": [p.to_json() for p in self.ports]}
+        if self.port_groups:
+            value["portGroups"] = list(self.port_groups)
+        return value
 
     @classmethod
     def from_json(cls, value: Mapping) -> "Rule":
         return cls(value["direction"], tuple(value["peerGroups"]), tuple(value["cidrs"]),
-                   value["anyPeer"], tuple(PortRule.from_json(p) for p in value["ports"]))
+                   value["anyPeer"], tuple(PortRule.from_json(p) for p in value["ports"]),
+                   tuple(value.get("portGroups", ())))
 
 
 @dataclass(frozen=True)
@@ -221,6 +229,7 @@ class CompiledPolicy:
         ids = {self.applied_to}
         for rule in self.rules:
             ids.update(rule.peer_groups)
+            ids.update(rule.port_groups)
         return tuple(sorted(ids))
 
 

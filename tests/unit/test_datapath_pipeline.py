@@ -596,20 +596,10 @@ def test_upstream_scenarios_on_one_bridge(name):
     _run(name)
 
 
-# A node resolves an egress named port only against pods it knows (its own,
-# and the members of the groups its policies reference): with no `to` or an
-# ipBlock, a destination pod on another node is unknown to it.
-NAMED_PORTS_BEYOND_THE_NODE = {
-    "should allow egress access on one named port",
-    "egress named port to an ipBlock resolves against the destination pod",
-}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(
-        strict=True, reason="egress named port to a pod the source node does not know"))
-    if name in NAMED_PORTS_BEYOND_THE_NODE else name
-    for name in e2e.SCENARIOS])
+# Pods split across two nodes: among them the scenarios whose egress named
+# ports resolve on pods of the other node that no peer group names (no `to`,
+# or an ipBlock), which the compiler's every-pod port group makes known.
+@pytest.mark.parametrize("name", list(e2e.SCENARIOS))
 def test_upstream_scenarios_across_two_nodes(name):
     _run(name, split=True)
 

@@ -568,3 +568,30 @@ def test_compiled_policy_round_trips_through_json():
          "ports": [{"port": 80, "endPort": 90}, {"port": "dns", "protocol": "UDP"}]}]})
     assert type(result).from_json(result.to_json()) == result
     assert result.rules[0].cidrs == ("fd10::/12", "fd20::/11", "fd40::/10", "fd80::/9")
+
+
+def _egress_rule(to, ports):
+    from contiv.policy.compiler import compile_policy
+    from contiv.policy.model import parse_network_policy
+
+    compiled, selectors = compile_policy(parse_network_policy({
+        "kind": "NetworkPolicy", "metadata": {"name": "p", "namespace": "x"},
+        "spec": {"podSelector": {}, "policyTypes": ["Egress"],
+                 "egress": [{**({"to": to} if to is not None else {}), "ports": ports}]}}))
+    (rule,) = compiled.rules
+    return compiled, selectors, rule
+
+
+def test_egress_named_port_without_peer_groups_gets_every_pods_ports():
+    from contiv.policy.types import GroupSelector, LabelSelector
+
+    every_pod = GroupSelector(None, LabelSelector(), None).id
+    for to in (None, [{"ipBlock": {"cidr": "10.0.0.0/8"}}]):
+        compiled, selectors, rule = _egress_rule(to, [{"port": "http"}])
+        assert rule.port_groups == (every_pod,)
+        assert every_pod in compiled.group_ids()
+        assert every_pod in {s.id for s in selectors}
+        assert every_pod not in rule.peer_groups  # ports only, never peers
+    # Peer groups carry their members' ports; numbered ports need none.
+    assert _egress_rule([{"podSelector": {}}], [{"port": "http"}])[2].port_groups == ()
+    assert _egress_rule(None, [{"port": 80}])[2].port_groups == ()
