@@ -26,7 +26,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from contiv.datapath.flows import Flow
-from contiv.datapath.pipeline import ConjunctionIds, pipeline_flows
+from contiv.datapath.pipeline import ConjunctionIds, IncrementalPipeline
 from contiv.metrics import REGISTRY
 from contiv.openflow.flowmod import ADD, DELETE_STRICT, MODIFY_STRICT, FlowEncoder, \
     delete_by_cookie
@@ -118,6 +118,9 @@ class DatapathManager:
         self.dns_intercept = dns_intercept
         self.encoder = FlowEncoder()
         self.conjunction_ids = ConjunctionIds()
+        self.pipeline = IncrementalPipeline(zone=zone, dns_intercept=dns_intercept,
+                                            conjunction_ids=self.conjunction_ids)
+        self._resync = False
         self.protocol: Any = None
         self.round: Optional[int] = None
         self.installed: dict[tuple, Flow] = {}
@@ -188,18 +191,21 @@ class DatapathManager:
         self.last_error = None
         APPLY_SECONDS.observe(self.clock.seconds() - started)
 
-    def _wanted(self, state: Any) -> dict[tuple, Flow]:
-        flows = pipeline_flows(state, zone=self.zone, dns_intercept=self.dns_intercept,
-                               cookie=cookie_for(self.round or 0),
-                               conjunction_ids=self.conjunction_ids)
-        return {flow.identity: flow for flow in flows}
+    def _wanted(self, state: Any) -> set[tuple]:
+        """Bring the pipeline to this state; the identities whose flow changed."""
+        return self.pipeline.update(state)
 
     async def _install_round(self, protocol: Any, state: Any) -> None:
         ours = await protocol.flow_stats(cookie=MARK, cookie_mask=MARK_MASK)
         rounds = {round_of(stats.cookie) for stats in ours}
         await self.settings.secure()
         self.round = await self.settings.next_round(max(rounds, default=0) or 0)
-        wanted = self._wanted(state)
+        # A new round is a new cookie on every flow: start the pipeline afresh.
+        self.pipeline = IncrementalPipeline(zone=self.zone, dns_intercept=self.dns_intercept,
+                                            cookie=cookie_for(self.round),
+                                            conjunction_ids=self.conjunction_ids)
+        self._wanted(state)
+        wanted = dict(self.pipeline.flows)
         await self._bundle(protocol, [(ADD, flow) for flow in wanted.values()])
         # The new round is in place: only now may the old rounds go.
         if rounds:
@@ -207,6 +213,7 @@ class DatapathManager:
                                                 protocol.next_xid()) for old in sorted(rounds)])
             await protocol.barrier()
         self.installed = wanted
+        self._resync = False
         self._fresh_connection = False
         FLOWS.set(len(wanted))
         self.log.info("installed round {round}: {flows} flows for generation {generation}; "
@@ -214,19 +221,32 @@ class DatapathManager:
                       generation=state.generation, old=sorted(rounds))
 
     async def _install_difference(self, protocol: Any, state: Any) -> None:
-        wanted = self._wanted(state)
+        touched = self._wanted(state)
+        wanted = self.pipeline.flows
         installed = self.installed
-        changes = [(DELETE_STRICT, flow) for identity, flow in installed.items()
-                   if identity not in wanted]
-        for identity, flow in wanted.items():
-            old = installed.get(identity)
-            if old is None:
-                changes.append((ADD, flow))
-            elif old != flow:
-                changes.append((MODIFY_STRICT, flow))
+        if self._resync:
+            # The last change was rejected: the pipeline moved on, the bridge
+            # did not. Compare everything once.
+            touched = installed.keys() | wanted.keys()
+        changes = []
+        for identity in touched:
+            old, new = installed.get(identity), wanted.get(identity)
+            if new is None:
+                if old is not None:
+                    changes.append((DELETE_STRICT, old))
+            elif old is None:
+                changes.append((ADD, new))
+            elif old != new:
+                changes.append((MODIFY_STRICT, new))
         if changes:
-            await self._bundle(protocol, changes)
-        self.installed = wanted
+            try:
+                await self._bundle(protocol, changes)
+            except Exception:
+                self._resync = True
+                raise
+        self._resync = False
+        # A new dict, not an update in place: callers may hold the old one.
+        self.installed = dict(wanted)
         FLOWS.set(len(wanted))
 
     async def _bundle(self, protocol: Any, changes: list[tuple[int, Flow]]) -> None:

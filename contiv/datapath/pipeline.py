@@ -667,3 +667,241 @@ def pipeline_flows(state: NodeStateLike, *, zone: int = 1, dns_intercept: bool =
 def flow_count_report(state: NodeStateLike) -> list[RuleFlowCount]:
     """Per rule of every policy on the node: N, M, P and the flows it produced."""
     return _build(state, 1, False, 0, None)[1]
+
+
+# -- one policy at a time -------------------------------------------------------------
+
+class _LazyView:
+    """
+    What _rule_conjunctions reads of a _NodeView, computed per group only when
+    asked and cached by the group's version: a change to one group costs that
+    group, not the node's whole state.
+    """
+
+    def __init__(self, state: NodeStateLike, keys: Mapping[str, str],
+                 local_pods: frozenset, cache: dict):
+        self._state = state
+        self._keys = keys  # group id -> key
+        self._local_pods = local_pods
+        self._cache = cache
+        self.members = _Lookup(self, 0)
+        self.local_members = _Lookup(self, 1)
+        self._known: Optional[dict] = None
+        self._local_subsets: dict[str, tuple[str, ...]] = {}
+        self.used: set = set()  # cache entries this update read
+
+    def _group(self, group_id: str) -> tuple[str, Group]:
+        key = self._keys.get(group_id)
+        if key is None:
+            raise KeyError(f"node {self._state.index.node}: group {group_id} is not in its "
+                           f"index")
+        group = self._state.groups.get(key)
+        if group is None:
+            raise KeyError(f"node {self._state.index.node}: group {key} missing from "
+                           f"the state")
+        return key, group
+
+    def local_subset(self, group_id: str) -> tuple[str, ...]:
+        """The group's members that are pods on this node (what a pod landing here changes)."""
+        subset = self._local_subsets.get(group_id)
+        if subset is None:
+            local = self._local_pods
+            subset = tuple(sorted({m.pod for m in self._group(group_id)[1].members
+                                   if m.pod in local}))
+            self._local_subsets[group_id] = subset
+        return subset
+
+    def addressed(self, group_id: str) -> tuple[Addressed, Addressed]:
+        key, group = self._group(group_id)
+        local = self.local_subset(group_id)
+        self.used.add((key, local))
+        entry = self._cache.get((key, local))
+        if entry is None:
+            here = frozenset(local)
+            addressed = sorted({(_normal(m.ip), m.named_ports, m.pod in here)
+                                for m in group.members}, key=lambda m: (m[0], repr(m[1:])))
+            entry = (tuple((a, ports) for a, ports, _ in addressed),
+                     tuple((a, ports) for a, ports, in_here in addressed if in_here))
+            self._cache[(key, local)] = entry
+        return entry
+
+    @property
+    def known(self) -> Mapping[str, tuple[NamedPort, ...]]:
+        if self._known is None:
+            known: dict[str, tuple[NamedPort, ...]] = {}
+            for group_id in sorted(self._keys):
+                known.update(self.members[group_id])
+            for pod in self._state.index.pods:
+                for ip in pod.ips:
+                    known[_normal(ip)] = pod.named_ports
+            self._known = known
+        return self._known
+
+
+class _Lookup:
+    def __init__(self, view: _LazyView, which: int):
+        self._view = view
+        self._which = which
+
+    def __getitem__(self, group_id: str) -> Addressed:
+        return self._view.addressed(group_id)[self._which]
+
+
+def _needs_known(policy: CompiledPolicy) -> bool:
+    """Whether the policy's flows depend on every pod the node knows (egress named ports)."""
+    return any(rule.direction == EGRESS and (rule.any_peer or rule.cidrs)
+               and any(p.name is not None for p in rule.ports) for rule in policy.rules)
+
+
+class IncrementalPipeline:
+    """
+    L{pipeline_flows}, kept current one policy at a time. Each policy's flows
+    are computed from the policy and the versions of the groups it uses, and
+    kept until one of those changes; flows that several policies share are
+    merged from what each contributes. C{update} returns the identities whose
+    flow changed, so a datapath sends exactly those. Its result always equals
+    C{pipeline_flows} of the same state with the same conjunction ids.
+    """
+
+    def __init__(self, *, zone: int = 1, dns_intercept: bool = False, cookie: int = 0,
+                 conjunction_ids: Optional[ConjunctionIds] = None):
+        self.zone = zone
+        self.dns_intercept = dns_intercept
+        self.cookie = cookie
+        self.ids = conjunction_ids if conjunction_ids is not None else ConjunctionIds()
+        self.tables = _tables(zone)
+        self.flows: dict[tuple, Flow] = {}
+        # policy id -> (signature, {identity: actions}, conjunction keys)
+        self._policies: dict[str, tuple[tuple, dict[tuple, tuple], list]] = {}
+        # identity -> {policy id: actions}, for flows policies contribute
+        self._contributors: dict[tuple, dict[str, tuple]] = {}
+        self._fixed: dict[tuple, Flow] = {}
+        self._groups_cache: dict = {}
+
+    def update(self, state: NodeStateLike) -> set[tuple]:
+        keys = {key.rsplit(".", 1)[0]: key for key in state.index.groups}
+        local_pods = frozenset(pod.key for pod in state.index.pods)
+        view = _LazyView(state, keys, local_pods, self._groups_cache)
+        policies = {}
+        for policy_id in state.index.policies:
+            policy = state.policies.get(policy_id)
+            if policy is None:
+                raise KeyError(f"node {state.index.node}: policy {policy_id} missing from "
+                               f"the state")
+            for group_id in policy.group_ids():
+                if group_id not in keys:
+                    raise KeyError(f"node {state.index.node}: policy {policy_id} references "
+                                   f"group {group_id}, which the node's index does not name")
+            policies[policy_id] = policy
+
+        touched: set[tuple] = set()
+        for policy_id in [p for p in self._policies if p not in policies]:
+            touched.update(self._withdraw(policy_id))
+        for policy_id in sorted(policies):
+            policy = policies[policy_id]
+            # Peers are whole groups; only the applied-to group's local pods
+            # matter, so a pod landing on the node recomputes only the
+            # policies that select it.
+            signature = (tuple(keys[g] for g in policy.group_ids()),
+                         view.local_subset(policy.applied_to),
+                         (tuple(state.index.groups), local_pods) if _needs_known(policy)
+                         else None)
+            held = self._policies.get(policy_id)
+            if held is not None and held[0] == signature:
+                continue
+            if held is not None:
+                touched.update(self._withdraw(policy_id))
+            touched.update(self._contribute(policy_id, signature, policy, view))
+        self.ids.retain(key for _, _, conj_keys in self._policies.values()
+                        for key in conj_keys)
+
+        fixed = self._fixed_flows(state, view, list(policies.values()))
+        # Keep only the group versions this update read, so that the cache
+        # follows the node's share instead of every version ever seen.
+        self._groups_cache = {k: v for k, v in self._groups_cache.items() if k in view.used}
+        changed = {identity for identity in fixed.keys() | self._fixed.keys()
+                   if fixed.get(identity) != self._fixed.get(identity)}
+        self._fixed = fixed
+        for identity in touched:
+            flow = self._merged(identity)
+            if flow is None:
+                self.flows.pop(identity, None)
+            else:
+                self.flows[identity] = flow
+        for identity in changed:
+            if identity in fixed:
+                self.flows[identity] = fixed[identity]
+            else:
+                self.flows.pop(identity, None)
+        return touched | changed
+
+    def _contribute(self, policy_id: str, signature: tuple, policy: CompiledPolicy,
+                    view: _LazyView) -> set[tuple]:
+        flows = _FlowSet(self.cookie)
+        conj_keys = []
+        for direction, index, rule in _rules(policy):
+            for conjunctive in _rule_conjunctions(view, policy, direction, index, rule):
+                dimensions = _dimensions(conjunctive)
+                if dimensions:
+                    conj_keys.append(conjunctive.key)
+                    _add_conjunctive(flows, conjunctive, dimensions, self.ids)
+        contributed = {identity: tuple(actions) for identity, actions in flows._actions.items()}
+        self._policies[policy_id] = (signature, contributed, conj_keys)
+        for identity, actions in contributed.items():
+            self._contributors.setdefault(identity, {})[policy_id] = actions
+        return set(contributed)
+
+    def _withdraw(self, policy_id: str) -> set[tuple]:
+        _, contributed, _ = self._policies.pop(policy_id)
+        for identity in contributed:
+            held = self._contributors[identity]
+            del held[policy_id]
+            if not held:
+                del self._contributors[identity]
+        return set(contributed)
+
+    def _merged(self, identity: tuple) -> Optional[Flow]:
+        held = self._contributors.get(identity)
+        if not held:
+            return None
+        table, priority, match = identity
+        parts = [held[policy_id] for policy_id in sorted(held)]
+        if _is_clause(parts[0]):
+            merged: dict[Action, None] = {}
+            for actions in parts:
+                if not _is_clause(actions):
+                    raise FlowRefused(f"two flows at {identity} with different actions")
+                merged.update(dict.fromkeys(actions))
+            actions = tuple(sorted(merged, key=lambda a: (a.id, a.clause)))
+        else:
+            actions = parts[0]
+            if any(other != actions for other in parts[1:]):
+                raise FlowRefused(f"two flows at {identity} with different actions: {parts}")
+        flow = Flow(table, priority, match, actions, self.cookie)
+        self.tables[table].check(flow)
+        return flow
+
+    def _fixed_flows(self, state: NodeStateLike, view: _LazyView,
+                     policies: list[CompiledPolicy]) -> dict[tuple, Flow]:
+        """Everything that is not a rule: static stages, DNS intercept, isolation, misses."""
+        flows = _FlowSet(self.cookie)
+        _static_flows(flows, self.zone, self.dns_intercept)
+        if self.dns_intercept:
+            for address in _local_addresses(state.index.pods):
+                match = _address_match(address, "src")
+                match.update(ip_proto=IP_PROTO["UDP"], udp_dst=DNS_PORT)
+                flows.add(DNS_INTERCEPT, PRIORITY_STATIC, match, (Output(CONTROLLER),))
+        for direction, table in ((EGRESS, EGRESS_DEFAULT), (INGRESS, INGRESS_DEFAULT)):
+            side = "src" if direction == EGRESS else "dst"
+            addresses = {address for policy in policies if direction in policy.types
+                         for address, _ in view.local_members[policy.applied_to]}
+            for address in sorted((_host(a) for a in addresses),
+                                  key=lambda n: (n.version, n)):
+                flows.add(table, PRIORITY_ISOLATED, _address_match(address, side), ())
+        for table in self.tables.values():
+            if table.id == DNS_INTERCEPT and not self.dns_intercept:
+                continue
+            flows.add(table.id, PRIORITY_MISS, {}, table.miss)
+        built = flows.flows()
+        check_flows(built, self.tables)
+        return {flow.identity: flow for flow in built}

@@ -45,6 +45,7 @@ from contiv.datapath.pipeline import (
     FlowRefused,
     check_flows,
     flow_count_report,
+    IncrementalPipeline,
     pipeline_flows,
     port_range_masks,
 )
@@ -607,3 +608,32 @@ def test_upstream_scenarios_across_two_nodes(name):
 @pytest.mark.parametrize("name", list(e2e.SCENARIOS))
 def test_upstream_scenarios_ipv6_only(name):
     _run(name, ipv6_only=True)
+
+
+class IncrementalScript(PipelineScript):
+    """Every step of a scenario: the incremental pipeline equals a full rebuild."""
+
+    def _compare(self) -> None:
+        if self.dirty:
+            pipelines = self.__dict__.setdefault("pipelines", {})
+            for node in sorted(self.engine.nodes()):
+                state = node_state(self.engine, node)
+                incremental = pipelines.setdefault(node, IncrementalPipeline())
+                before = dict(incremental.flows)
+                changed = incremental.update(state)
+                full = {flow.identity: flow
+                        for flow in pipeline_flows(state, conjunction_ids=incremental.ids)}
+                assert incremental.flows == full
+                actually = {i for i in before.keys() | full.keys()
+                            if before.get(i) != full.get(i)}
+                assert actually <= changed
+        super()._compare()
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("name", list(e2e.SCENARIOS))
+def test_incremental_pipeline_equals_a_full_rebuild(name, split):
+    script = IncrementalScript(compiled=True, split=split)
+    e2e.SCENARIOS[name](script)
+    script._compare()
+    assert script.compared > 0
