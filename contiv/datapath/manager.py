@@ -221,7 +221,17 @@ class DatapathManager:
                       generation=state.generation, old=sorted(rounds))
 
     async def _install_difference(self, protocol: Any, state: Any) -> None:
-        touched = self._wanted(state)
+        try:
+            touched = self._wanted(state)
+        except Exception:
+            # A half-applied update leaves the pipeline's merged flows behind
+            # its contributions: start it afresh and compare everything next time.
+            self.pipeline = IncrementalPipeline(zone=self.zone,
+                                                dns_intercept=self.dns_intercept,
+                                                cookie=cookie_for(self.round or 0),
+                                                conjunction_ids=self.conjunction_ids)
+            self._resync = True
+            raise
         wanted = self.pipeline.flows
         installed = self.installed
         if self._resync:

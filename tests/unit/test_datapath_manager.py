@@ -197,3 +197,31 @@ class DatapathManagerTests(unittest.TestCase):
         error = ChangeRejected(RuntimeError("boom"), ["flow-a (X)"])
         self.assertIn("nothing of it applied", str(error))
         self.assertIn("flow-a", str(error))
+
+
+class BrokenPipelineTests(unittest.TestCase):
+    def test_a_failed_pipeline_update_is_recovered_by_a_full_comparison(self):
+        clock, switch = Clock(), FakeSwitch()
+        manager = DatapathManager(clock, FakeSettings())
+        manager.update(state(1))
+        self.successResultOf(manager.connected(switch))
+        original = manager.pipeline.update
+
+        def fails_once(new_state):
+            manager.pipeline.update = original
+            raise RuntimeError("generator bug")
+
+        manager.pipeline.update = fails_once
+        self.successResultOf(manager.update(state(2, port=81)))
+        self.assertIn("generator bug", manager.last_error)
+        self.assertEqual(manager.applied_generation, 1)
+        self.successResultOf(manager.update(state(3, port=82)))
+        self.assertEqual(manager.applied_generation, 3)
+        # The bridge holds exactly what a fresh pipeline wants for generation 3.
+        fresh = DatapathManager(Clock(), FakeSettings())
+        fresh.update(state(3, port=82))
+        other = FakeSwitch()
+        self.successResultOf(fresh.connected(other))
+        ports = {dict(k[2]).get("tcp_dst") for k in switch.flows} - {None}
+        self.assertEqual(ports, {dict(k[2]).get("tcp_dst") for k in other.flows} - {None})
+        self.assertEqual(len(switch.flows), len(other.flows))
