@@ -397,7 +397,8 @@ def incremental_step(engine: PolicyEngine, event: Event) -> tuple[Any, list, lis
     changes = engine.take_changes()
     policies = [engine.policies[i] for i in changes.added_policies if i in engine.policies]
     groups = [engine.groups[g] for g in changes.changed_groups if g in engine.groups]
-    indexes = [engine.node_index(node) for node in sorted(changes.dirty_nodes)]
+    # Other nodes see new group versions through the store's group map.
+    indexes = [engine.node_index(node) for node in sorted(changes.index_nodes)]
     return changes, policies, groups, indexes
 
 
@@ -408,7 +409,7 @@ def time_steps(engine: PolicyEngine, events: list[tuple[str, Event]]) -> dict[st
         changes, _, _, _ = incremental_step(engine, event)
         times.append((time.perf_counter() - started) * 1000)
         groups.append(len(changes.changed_groups))
-        nodes.append(len(changes.dirty_nodes))
+        nodes.append(len(changes.index_nodes))
     assert not engine.errors, dict(list(engine.errors.items())[:3])
     return {"p50": statistics.median(times), "p99": percentile(times, 0.99),
             "max": max(times), "groups": statistics.mean(groups),
@@ -489,7 +490,8 @@ async def store_phase(reactor: Any, engine: PolicyEngine, cluster: Cluster,
                 policies=[engine.policies[i] for i in changes.added_policies
                           if i in engine.policies],
                 groups=[engine.groups[g] for g in changes.changed_groups if g in engine.groups],
-                nodes=[engine.node_index(node) for node in sorted(changes.dirty_nodes)])
+                removed_groups=changes.removed_groups,
+                nodes=[engine.node_index(node) for node in sorted(changes.index_nodes)])
             times.append((time.perf_counter() - started) * 1000)
             written = list(recorder.sets)
             sizes.append(sum(len(v) for s in written for v in s.values()))

@@ -66,7 +66,9 @@ class Changes:
     What changed since the previous L{PolicyEngine.take_changes}:
     C{changed_groups} are current groups that are new or whose members (key)
     differ; C{removed_groups} are no longer referenced; C{dirty_nodes} are the
-    nodes whose L{NodeIndex} may differ.
+    nodes whose L{NodeIndex} may differ, C{index_nodes} those among them
+    whose policies, group ids or local pods may differ (the rest only see
+    new versions of groups they already use).
     """
 
     changed_groups: frozenset[str] = frozenset()
@@ -74,6 +76,7 @@ class Changes:
     added_policies: frozenset[str] = frozenset()
     removed_policies: frozenset[str] = frozenset()
     dirty_nodes: frozenset[str] = frozenset()
+    index_nodes: frozenset[str] = frozenset()
 
     def __bool__(self) -> bool:
         return bool(self.changed_groups or self.removed_groups or self.added_policies
@@ -615,7 +618,8 @@ class PolicyEngine:
             elif policy_id not in self._policies and policy_id in self._taken_policies:
                 removed_policies.add(policy_id)
                 self._taken_policies.discard(policy_id)
-        dirty_nodes = set(self._dirty_nodes)
+        index_nodes = frozenset(self._dirty_nodes)
+        dirty_nodes = set(index_nodes)
         # A group's new key reaches every node holding a policy that references it.
         for group_id in changed_groups:
             for policy_key in self._groups[group_id].referrers:
@@ -626,7 +630,7 @@ class PolicyEngine:
         self._dirty_nodes.clear()
         return Changes(frozenset(changed_groups), frozenset(removed_groups),
                        frozenset(added_policies), frozenset(removed_policies),
-                       frozenset(dirty_nodes))
+                       frozenset(dirty_nodes), index_nodes)
 
 
 def _discard(index: dict, key: Any, item: str) -> None:

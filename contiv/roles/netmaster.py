@@ -75,9 +75,6 @@ class NetmasterService(Service):
         self._checker.clock = clock
         self._check_interval = check_interval
         self._stopping = False
-        # every node an index was published for: a node whose last pod went
-        # away still gets its (empty) index written on a full republish.
-        self._nodes_published: set[str] = set()
         # kind -> keys of the objects seen, for status reports
         self._objects: dict[str, set[str]] = {}
         self._heap_frozen = False
@@ -191,23 +188,26 @@ class NetmasterService(Service):
         if full:
             policies = list(engine.policies.values())
             groups = list(engine.groups.values())
-            nodes = sorted(engine.nodes() | self._nodes_published)
+            # Nodes the map still holds that lost their pods get an empty
+            # index: it takes them out of the map and deletes their key.
+            nodes = sorted(engine.nodes() | set(self.publisher.node_generations()))
         else:
             policies = [engine.policies[i] for i in changes.added_policies
                         if i in engine.policies]
             groups = [engine.groups[g] for g in changes.changed_groups if g in engine.groups]
-            nodes = sorted(changes.dirty_nodes)
-        if not full and not (policies or groups or nodes) and \
+            # Other nodes see new group versions through the group map.
+            nodes = sorted(changes.index_nodes)
+        removed = () if full else changes.removed_groups
+        if not full and not (policies or groups or nodes or removed) and \
                 self.published_generation is not None:
             return
         try:
             generation = await self.publisher.publish(
-                policies=policies, groups=groups,
+                policies=policies, groups=groups, removed_groups=removed,
                 nodes=[engine.node_index(node) for node in nodes], full=full)
         except Exception:
             self._unpublished += unpublished
             raise
-        self._nodes_published.update(nodes)
         if full and not self._heap_frozen:
             # The compiled cluster is a large, long-lived heap: left in the
             # collector's generations, every full collection scans all of it

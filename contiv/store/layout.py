@@ -8,9 +8,23 @@ Every key is C{prefix + name}:
   - C{gen}: the generation, an ASCII decimal counter, bumped last by every publish
   - C{epoch}: a random token (JSON string) written by every full publish; when it is
     gone or not the one this publisher wrote, the store lost data: publish everything
-  - C{node/<node>}: C{{"generation": g, "index": NodeIndex}}, rewritten in place
+  - C{node/<node>}: C{{"generation": g, "index": {"node", "policies", "groups",
+    "pods"}}}, rewritten in place when the node's policies, the ids of the groups
+    they use, or its local pods change; C{g} is the generation that wrote it
   - C{policy/<id>}, C{group/<key>}: one L{CompiledPolicy} / L{Group}, immutable
     (the id or key carries the content hash), so a reader never sees a torn entry
+  - C{groupmap}: C{{"generation": g, "buckets": [hash, ...]}}, rewritten in place
+    by every publish: the commit point of a generation
+  - C{groupmap/<hash>}: one bucket, immutable, C{{"groups": {group id: group key},
+    "nodes": {node: g}}} for the group ids and node names that hash
+    (CRC-32 modulo the number of buckets) to it: which version of each group
+    is current, and which generation wrote each node's index
+
+Why a map between the indexes and the groups: a node index names group
+I{ids}, which stay the same while members come and go, so a pod joining a
+group that policies on hundreds of nodes use rewrites that group, one small
+bucket and the root, not hundreds of indexes. A node absent from the map has
+no share (no pods): its reader is complete with an empty index.
 
 Values are compact JSON with sorted keys. A value larger than the item size is
 stored as chunks C{<key>/0 .. <key>/n-1} plus, at C{<key>}, a header
@@ -18,9 +32,13 @@ C{{"chunked": {"count": n, "sha256": hex, "size": bytes}}} that lets the reader
 check that the chunks it got belong together.
 
 Ordering is what makes a reader's view consistent without transactions:
-entries first, then the indexes that name them, then the epoch, then C{gen}.
-A reader that sees a new C{gen} finds everything it names, unless memcached
-evicted or lost it, which the reader reports instead of using half a state.
+entries and buckets first, then the indexes that name them, then the root,
+then the epoch, then C{gen}. A reader takes the index and the root together
+and accepts them only when the root's bucket gives the index's own
+generation for the node: then both describe the same publish (an index
+rewritten in between, or a root read before its index was, is a torn read,
+tried again). Everything they name is there, unless memcached evicted or lost
+it, which the reader reports instead of using half a state.
 """
 
 from __future__ import annotations
@@ -29,6 +47,7 @@ import hashlib
 import json
 import re
 import secrets
+import zlib
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Optional
@@ -43,6 +62,13 @@ DEFAULT_PREFIX = "contiv/"
 DEFAULT_ITEM_SIZE = 1_000_000
 GEN = "gen"
 EPOCH = "epoch"
+GROUP_MAP = "groupmap"
+# Enough that a bucket stays a few kilobytes with tens of thousands of groups,
+# few enough that the root a reader fetches per generation stays small.
+DEFAULT_BUCKETS = 128
+# How often a reader re-reads an index and root caught mid-publish before it
+# gives up until the next poll.
+TORN_RETRIES = 3
 
 
 def policy_name(policy_id: str) -> str:
@@ -55,6 +81,20 @@ def group_name(group_key: str) -> str:
 
 def node_name(node: str) -> str:
     return "node/" + node
+
+
+def bucket_name(digest_hex: str) -> str:
+    return GROUP_MAP + "/" + digest_hex
+
+
+def bucket_of(name: str, buckets: int) -> int:
+    """The bucket of a group id or node name: stable across processes and versions."""
+    return zlib.crc32(name.encode()) % buckets
+
+
+def group_id_of(group_key: str) -> str:
+    """The id part of a group key C{<id>.<content hash>}."""
+    return group_key.rsplit(".", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -112,9 +152,12 @@ class Publisher:
     log = Logger()
 
     def __init__(self, store: Any, *, prefix: str = DEFAULT_PREFIX, clock: Any,
-                 grace_period: float = 60.0, item_size: int = DEFAULT_ITEM_SIZE) -> None:
+                 grace_period: float = 60.0, item_size: int = DEFAULT_ITEM_SIZE,
+                 buckets: int = DEFAULT_BUCKETS) -> None:
         if item_size < 1:
             raise ValueError(f"item_size must be positive, got {item_size}")
+        if buckets < 1:
+            raise ValueError(f"buckets must be positive, got {buckets}")
         self.store = store
         self.prefix = prefix
         self.clock = clock
@@ -137,13 +180,33 @@ class Publisher:
         self._policies_json: dict[str, tuple[tuple, bytes]] = {}
         self.epoch: Optional[str] = None
         self.generation = 0
+        self._root_key = check_key(prefix + GROUP_MAP)
+        self.bucket_count = buckets
+        # The group map as the store holds it: per bucket, group id -> key and
+        # node -> the generation that wrote its index; and each bucket's entry name.
+        self._bucket_groups: list[dict[str, str]] = [{} for _ in range(buckets)]
+        self._bucket_nodes: list[dict[str, int]] = [{} for _ in range(buckets)]
+        self._bucket_names: list[Optional[str]] = [None] * buckets
 
     def key(self, name: str) -> str:
         return check_key(self.prefix + name)
 
     def written(self) -> list[str]:
         """The entry names (without prefix) this publisher believes are in the store."""
-        return sorted(self._written | {node_name(n) for n in self._index_chunks})
+        nodes = {node_name(node) for bucket in self._bucket_nodes for node in bucket}
+        root = {GROUP_MAP} if self._bucket_names[0] is not None else set()
+        return sorted(self._written | nodes | root)
+
+    def group_map(self) -> dict[str, str]:
+        """Group id -> the key of its current version, as published."""
+        return {i: k for bucket in self._bucket_groups for i, k in bucket.items()}
+
+    def node_generations(self) -> dict[str, int]:
+        """Node -> the generation that wrote its index, for nodes with a share."""
+        return {n: g for bucket in self._bucket_nodes for n, g in bucket.items()}
+
+    def live_buckets(self) -> list[str]:
+        return [name for name in self._bucket_names if name is not None]
 
     async def epoch_intact(self) -> bool:
         """
@@ -157,26 +220,42 @@ class Publisher:
         return found.get(self._epoch_key) == canonical_json(self.epoch)
 
     async def publish(self, *, policies: Iterable[CompiledPolicy], groups: Iterable[Group],
-                      nodes: Iterable[NodeIndex], full: bool = False) -> int:
+                      nodes: Iterable[NodeIndex], removed_groups: Iterable[str] = (),
+                      full: bool = False) -> int:
         """
-        Write the given policies and groups not written before, then the given
-        node indexes, then (full) a new epoch, then bump C{gen}; return the new
-        generation. C{full}: write every given entry, whatever is believed
-        written. A refused write raises L{StoreError} and bumps nothing, so
-        readers stay on the previous generation.
+        Write the given policies and groups not written before, the group
+        map's changed buckets, the given node indexes, the map's root, then
+        (full) a new epoch, then bump C{gen}; return the new generation.
+
+        C{groups} are new versions (the map points their ids at them),
+        C{removed_groups} ids no index uses any longer. C{full}: the given
+        groups are the whole map and every given entry is written, whatever
+        is believed written. A node index with neither policies nor pods
+        leaves the map (its reader is complete with an empty share) and its
+        key is deleted. A refused write raises L{StoreError} and bumps
+        nothing, so readers stay on the previous generation.
         """
+        groups = list(groups)
+        nodes = list(nodes)
         if full:
             self._written.clear()
+            self._bucket_groups = [{} for _ in range(self.bucket_count)]
+            self._bucket_nodes = [{} for _ in range(self.bucket_count)]
+            self._bucket_names = [None] * self.bucket_count
         entries: dict[str, bytes] = {}
         occupies: dict[str, tuple[str, ...]] = {}
-        for name, data in [*((policy_name(p.id), p) for p in policies),
-                           *((group_name(g.key), g) for g in groups)]:
+
+        def add_entry(name: str, data: bytes) -> None:
             if name in self._written or name in occupies:
-                continue
-            items = self._encode_bytes(name, data.canonical if isinstance(data, Group)
-                                       else canonical_json(data.to_json()))
+                return
+            items = self._encode_bytes(name, data)
             entries.update(items)
             occupies[name] = tuple(items)
+
+        for policy in policies:
+            add_entry(policy_name(policy.id), canonical_json(policy.to_json()))
+        for group in groups:
+            add_entry(group_name(group.key), group.canonical)
 
         # The indexes name the generation they belong to: the one this
         # publish is about to make, and never one this publisher already used.
@@ -184,27 +263,77 @@ class Publisher:
         current = self._stored_generation(found.get(self._gen_key))
         target = max(current or 0, self.generation) + 1
 
+        # The map as it will be once this publish is in; applied to the
+        # publisher's own copy only after every write went through.
+        bucket_groups = list(self._bucket_groups)
+        bucket_nodes = list(self._bucket_nodes)
+        # Every bucket is written once, even while empty: the root names them all.
+        changed = {n for n, name in enumerate(self._bucket_names) if name is None}
+        copied: set[tuple[int, int]] = set()
+
+        def edit(buckets: list[dict], name: str) -> dict:
+            """The bucket of C{name} in C{buckets}, copied before its first change."""
+            number = bucket_of(name, self.bucket_count)
+            if (id(buckets), number) not in copied:
+                buckets[number] = dict(buckets[number])
+                copied.add((id(buckets), number))
+            changed.add(number)
+            return buckets[number]
+
+        for group in groups:
+            edit(bucket_groups, group.id)[group.id] = group.key
+        for group_id in removed_groups:
+            edit(bucket_groups, group_id).pop(group_id, None)
+
+        indexes: dict[str, bytes] = {}
+        stale_chunks: list[str] = []
+        index_chunks: dict[str, int] = {}
+        emptied: list[str] = []
+        for index in nodes:
+            for key in index.groups:
+                group_id = group_id_of(key)
+                if bucket_groups[bucket_of(group_id, self.bucket_count)].get(group_id) != key:
+                    raise ValueError(f"node {index.node}'s index names group {key}, which is "
+                                     f"not the published version of {group_id}")
+            name = node_name(index.node)
+            before = self._index_chunks.get(index.node, 0)
+            if not (index.policies or index.pods):
+                edit(bucket_nodes, index.node).pop(index.node, None)
+                emptied.extend([self.key(name)] + [f"{self.key(name)}/{i}"
+                                                   for i in range(before)])
+                index_chunks[index.node] = 0
+                continue
+            edit(bucket_nodes, index.node)[index.node] = target
+            items = self._encode_bytes(name, self._index_bytes(index, target))
+            indexes.update(items)
+            count = len(items) - 1 if len(items) > 1 else 0
+            index_chunks[index.node] = count
+            stale_chunks.extend(f"{self.key(name)}/{i}" for i in range(count, before))
+
+        bucket_names = list(self._bucket_names)
+        for number in sorted(changed):
+            data = canonical_json({"groups": bucket_groups[number],
+                                   "nodes": bucket_nodes[number]})
+            bucket_names[number] = bucket_name(hashlib.sha256(data).hexdigest()[:20])
+            add_entry(bucket_names[number], data)
+        root = canonical_json({"generation": target, "buckets": [
+            name[len(GROUP_MAP) + 1:] for name in bucket_names]})  # type: ignore[index]
+
         if entries:
             await self.store.set_many(entries)
         self._written.update(occupies)
         self._stored.update(occupies)
         for name in occupies:
             self._unreferenced_since.pop(name, None)
-
-        indexes: dict[str, bytes] = {}
-        stale_chunks: list[str] = []
-        index_chunks: dict[str, int] = {}
-        for index in nodes:
-            name = node_name(index.node)
-            items = self._encode_bytes(name, self._index_bytes(index, target))
-            indexes.update(items)
-            count = len(items) - 1 if len(items) > 1 else 0
-            index_chunks[index.node] = count
-            before = self._index_chunks.get(index.node, 0)
-            stale_chunks.extend(f"{self.key(name)}/{i}" for i in range(count, before))
         if indexes:
             await self.store.set_many(indexes)
         self._index_chunks.update(index_chunks)
+        # The commit point: a reader that has this root finds the indexes it dates.
+        # Never chunked (its size is bounded by the bucket count), so that a
+        # reader gets the whole root or the previous one.
+        await self.store.set_many({self._root_key: root})
+        self._bucket_groups, self._bucket_nodes = bucket_groups, bucket_nodes
+        self._bucket_names = bucket_names
 
         if full:
             epoch = secrets.token_hex(16)
@@ -212,13 +341,15 @@ class Publisher:
             self.epoch = epoch
 
         generation = await self._bump(target)
-        if stale_chunks:
-            # Leftovers of a longer index: the one written above needs fewer chunks.
-            await self.store.delete_many(stale_chunks)
+        if stale_chunks or emptied:
+            # Leftovers of a longer index, and indexes of nodes that lost their
+            # share: the map no longer sends readers there.
+            await self.store.delete_many(stale_chunks + emptied)
         self.log.info("published generation {generation}: {entries} new entries "
                       "({size} bytes), {nodes} node indexes{full}",
                       generation=generation, entries=len(occupies),
-                      size=sum(len(v) for v in entries.values()), nodes=len(index_chunks),
+                      size=sum(len(v) for v in entries.values()),
+                      nodes=len(nodes),
                       full=" (full)" if full else "")
         return generation
 
@@ -232,7 +363,7 @@ class Publisher:
         """
         now = self.clock.seconds()
         live = ({policy_name(i) for i in live_policy_ids}
-                | {group_name(k) for k in live_group_keys})
+                | {group_name(k) for k in live_group_keys} | set(self.live_buckets()))
         doomed = []
         for name in self._stored:
             if name in live:
@@ -312,14 +443,15 @@ class Publisher:
         else:
             policies = canonical_json(list(index.policies))
             self._policies_json[index.node] = (index.policies, policies)
-        if all(_PLAIN_KEY.fullmatch(key) for key in index.groups):
-            # Group keys are "g.<hex>.<hex>": their JSON is the text in quotes,
-            # and joining is several times faster than the encoder for the
-            # hundreds of keys a busy node's index holds.
-            groups = ('["' + '","'.join(index.groups) + '"]').encode() if index.groups \
-                else b"[]"
+        # The index names group ids; the map says which version is current.
+        group_ids = [group_id_of(key) for key in index.groups]
+        if all(_PLAIN_KEY.fullmatch(group_id) for group_id in group_ids):
+            # Group ids are "g.<hex>": their JSON is the text in quotes, and
+            # joining is several times faster than the encoder for the
+            # hundreds of ids a busy node's index holds.
+            groups = ('["' + '","'.join(group_ids) + '"]').encode() if group_ids else b"[]"
         else:
-            groups = canonical_json(list(index.groups))
+            groups = canonical_json(group_ids)
         return (b'{"generation":' + str(generation).encode() + b',"index":{"groups":' + groups
                 + b',"node":' + canonical_json(index.node) + b',"pods":' + pods
                 + b',"policies":' + policies + b"}}")
@@ -371,6 +503,10 @@ class Publisher:
         return value
 
 
+# A read of the index and the root that caught a publish between them.
+_TORN = object()
+
+
 class Reader:
     """
     netplugin's side. L{poll} returns a new complete L{NodeState} when the
@@ -387,6 +523,9 @@ class Reader:
         self.prefix = prefix
         self._gen_key = check_key(prefix + GEN)
         self._index_key = check_key(prefix + node_name(node))
+        self._root_key = check_key(prefix + GROUP_MAP)
+        # bucket hash -> (group id -> key, node -> generation)
+        self._bucket_cache: dict[str, tuple[dict, dict]] = {}
         self.state: Optional[NodeState] = None
         self.problem: Optional[str] = None
         self.index_generation: Optional[int] = None  # what the index says it belongs to
@@ -419,18 +558,16 @@ class Reader:
             return self._fail(f"{self._gen_key} malformed: {e}")
         if generation == self._seen and self.problem is None:
             return None
-
-        docs, problems = await self._fetch([self._index_key])
-        if problems:
-            return self._fail(problems[self._index_key])
-        try:
-            doc = docs[self._index_key]
-            index = NodeIndex.from_json(doc["index"])
-            index_generation = doc["generation"]
-        except Exception as e:
-            return self._fail(f"{self._index_key} malformed: {e!r}")
-        if index.node != self.node:
-            return self._fail(f"{self._index_key} names node {index.node!r}")
+        for _ in range(TORN_RETRIES):
+            share = await self._read_share()
+            if share is not _TORN:
+                break
+        else:
+            return self._fail(f"{self._index_key} and {self._root_key} kept changing while "
+                              f"being read (publishes in progress)")
+        if isinstance(share, str):
+            return self._fail(share)
+        index, index_generation = share
         if (self.state is not None and self.state.generation == generation
                 and self.state.index == index):
             # Back after a failed poll to what is already held: nothing new to apply.
@@ -471,6 +608,91 @@ class Reader:
         self.state = state
         self._recovered(generation, index_generation)
         return state
+
+    async def _read_share(self) -> Any:
+        """
+        The node's index with its group ids resolved to the current versions,
+        and the generation that wrote it; a problem (str); or L{_TORN} when the
+        index and the root were not written by the same publish.
+        """
+        docs, problems = await self._fetch([self._index_key, self._root_key])
+        if self._root_key in problems:
+            problem = problems[self._root_key]
+            if problem.endswith(" missing"):
+                problem += ": nothing published yet, or the store lost its data"
+            return problem
+        try:
+            root = docs[self._root_key]
+            root_generation = root["generation"]
+            hashes = root["buckets"]
+            if not (hashes and all(isinstance(h, str) and _PLAIN_KEY.fullmatch(h)
+                                   for h in hashes)):
+                raise ValueError("buckets must be a non-empty list of hashes")
+        except Exception as e:
+            return f"{self._root_key} malformed: {e!r}"
+
+        doc = docs.get(self._index_key)
+        if doc is None and not problems[self._index_key].endswith(" missing"):
+            return problems[self._index_key]
+        stored: Optional[tuple[NodeIndex, Any]] = None
+        if doc is not None:
+            try:
+                stored = NodeIndex.from_json(doc["index"]), doc["generation"]
+            except Exception as e:
+                return f"{self._index_key} malformed: {e!r}"
+            if stored[0].node != self.node:
+                return f"{self._index_key} names node {stored[0].node!r}"
+
+        count = len(hashes)
+        numbers = {bucket_of(self.node, count)}
+        if stored is not None:
+            numbers.update(bucket_of(group_id, count) for group_id in stored[0].groups)
+        buckets = await self._buckets({number: hashes[number] for number in numbers})
+        if isinstance(buckets, str):
+            return buckets
+
+        written_at = buckets[bucket_of(self.node, count)][1].get(self.node)
+        if written_at is None:
+            if stored is not None and stored[1] > root_generation:
+                return _TORN  # the node's first index is newer than this root
+            # No pods, no policies: a share that is empty, and complete.
+            return NodeIndex(self.node, (), (), ()), root_generation
+        if stored is None:
+            return (f"{self._index_key} missing, though {self._root_key} says generation "
+                    f"{written_at} wrote it (evicted?)")
+        index, index_generation = stored
+        if index_generation != written_at:
+            return _TORN
+        keys = []
+        for group_id in index.groups:
+            key = buckets[bucket_of(group_id, count)][0].get(group_id)
+            if key is None:
+                return (f"{self._index_key} names group {group_id}, which "
+                        f"{self._root_key} does not hold")
+            keys.append(key)
+        return NodeIndex(index.node, index.policies, tuple(sorted(keys)),
+                         index.pods), index_generation
+
+    async def _buckets(self, wanted: dict[int, str]) -> Any:
+        """The buckets by number (fetching those not held), or a problem."""
+        missing = {self.prefix + bucket_name(h): h for h in sorted(set(wanted.values()))
+                   if h not in self._bucket_cache}
+        if missing:
+            docs, problems = await self._fetch(list(missing))
+            if problems:
+                return sorted(problems.values())[0]
+            for key, doc in docs.items():
+                try:
+                    groups, nodes = doc["groups"], doc["nodes"]
+                    if not (isinstance(groups, dict) and isinstance(nodes, dict)):
+                        raise ValueError("groups and nodes must be objects")
+                except Exception as e:
+                    return f"{key} malformed: {e!r}"
+                self._bucket_cache[missing[key]] = (groups, nodes)
+        buckets = {number: self._bucket_cache[h] for number, h in wanted.items()}
+        # Keep what this share uses: the root moves on, old buckets are garbage.
+        self._bucket_cache = {h: self._bucket_cache[h] for h in set(wanted.values())}
+        return buckets
 
     def _recovered(self, generation: int, index_generation: Any) -> None:
         if self.problem is not None:

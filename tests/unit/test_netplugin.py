@@ -74,3 +74,19 @@ class NetpluginTests(unittest.TestCase):
         self.assertTrue(netplugin.status()["in_sync"])
         self.successResultOf(netplugin.stopService())
 
+
+    def test_a_node_without_pods_is_in_sync_on_an_empty_share(self):
+        # netmaster writes no index for a node that runs no pods; the group
+        # map says so, and the node enforces its empty share.
+        datapath = FakeDatapath()
+        netplugin = NetpluginService("node-2", self.store, clock=self.clock, datapath=datapath)
+        netplugin.startService()
+        self.clock.advance(0.1)
+        self.assertEqual(netplugin.status()["state"], "waiting-for-store")
+        self.assertFalse(netplugin.in_sync)  # nothing published yet: not "empty"
+        generation = self.publish(["default/a"])  # a pod on node-1 only
+        self.clock.advance(0.1)
+        self.assertTrue(netplugin.in_sync, netplugin.status())
+        self.assertEqual(datapath.states[-1].index, NodeIndex("node-2", (), (), ()))
+        self.assertEqual(datapath.states[-1].generation, generation)
+        self.successResultOf(netplugin.stopService())

@@ -15,7 +15,7 @@ from contiv.policy.types import (INGRESS, CompiledPolicy, Group, LocalPod, Membe
                                  canonical_json,
                                  PortRule, Rule)
 from contiv.store import InvalidKey, StoreError, StoreUnavailable
-from contiv.store.layout import NodeState, Publisher, Reader
+from contiv.store.layout import DEFAULT_BUCKETS, NodeState, Publisher, Reader, bucket_of
 from contiv.store.memory import MemoryStore
 
 
@@ -179,7 +179,25 @@ class RoundTripTests(LayoutTestCase):
                                            separators=(",", ":")).encode())
         index = json.loads(self.successResultOf(
             self.memory.get_many(["contiv/node/n1"]))["contiv/node/n1"])
-        self.assertEqual(index, {"generation": 1, "index": self.indexes[0].to_json()})
+        stored = self.indexes[0].to_json()
+        # The index names group ids; the group map names their current versions.
+        stored["groups"] = [key.rsplit(".", 1)[0] for key in stored["groups"]]
+        self.assertEqual(index, {"generation": 1, "index": stored})
+        root = json.loads(self.successResultOf(
+            self.memory.get_many(["contiv/groupmap"]))["contiv/groupmap"])
+        self.assertEqual(root["generation"], 1)
+        self.assertEqual(len(root["buckets"]), DEFAULT_BUCKETS)
+        buckets = self.successResultOf(self.memory.get_many(
+            [f"contiv/groupmap/{h}" for h in root["buckets"]]))
+        self.assertEqual(len(buckets), len(set(root["buckets"])))
+        mapped: dict = {}
+        nodes: dict = {}
+        for raw in buckets.values():
+            bucket = json.loads(raw)
+            mapped.update(bucket["groups"])
+            nodes.update(bucket["nodes"])
+        self.assertEqual(mapped, {g.id: g.key for g in self.groups})
+        self.assertEqual(nodes, {"n1": 1, "n2": 1})
         self.assertEqual(self.successResultOf(self.memory.get_many(["contiv/gen"])),
                          {"contiv/gen": b"1"})
 
@@ -206,8 +224,13 @@ class RoundTripTests(LayoutTestCase):
         index = self.indexes[0]
         entry_keys = ([f"contiv/policy/{i}" for i in index.policies]
                       + [f"contiv/group/{k}" for k in index.groups])
-        self.assertEqual(self.store.gets(), [["contiv/gen"], ["contiv/gen"],
-                                             ["contiv/node/n1"], entry_keys])
+        gets = self.store.gets()
+        self.assertEqual(gets[:3], [["contiv/gen"], ["contiv/gen"],
+                                    ["contiv/node/n1", "contiv/groupmap"]])
+        # then the buckets of the node and of its groups, then the entries
+        self.assertEqual(len(gets), 5)
+        self.assertTrue(all(k.startswith("contiv/groupmap/") for k in gets[3]))
+        self.assertEqual(gets[4], entry_keys)
 
         # One group of n1 changes members: its new version is the only fetch.
         old = self.groups[0]
@@ -219,17 +242,26 @@ class RoundTripTests(LayoutTestCase):
                                       {k for k in index.groups if k != old.key} | {new.key}])
         self.assertIn(new.key, self.indexes[0].groups)
         del self.store.calls[:]
-        self.assertEqual(self.publish(), 2)
+        # The indexes name the same group ids: none needs rewriting.
+        self.assertEqual(self.publish(nodes=[]), 2)
         # Only the new group was written, not the entries written before.
         entry_writes = [a for n, a in self.store.writes()
                         if n == "set_many" and any("/group/" in k or "/policy/" in k
                                                    for k in a)]
-        self.assertEqual(entry_writes, [[f"contiv/group/{new.key}"]])
+        self.assertEqual([k for k in entry_writes[0] if not k.startswith("contiv/groupmap/")],
+                         [f"contiv/group/{new.key}"])
+        # The group's bucket is the only one rewritten; no index changed.
+        self.assertEqual(len([k for k in entry_writes[0] if k.startswith("contiv/groupmap/")]),
+                         1)
+        self.assertFalse([a for n, a in self.store.writes()
+                          if n == "set_many" and any("/node/" in k for k in a)])
         del self.store.calls[:]
         state = self.poll(reader)
         self.assertEqual(state.generation, 2)
-        self.assertEqual(self.store.gets(), [["contiv/gen"], ["contiv/node/n1"],
-                                             [f"contiv/group/{new.key}"]])
+        gets = self.store.gets()
+        self.assertEqual(gets[:2], [["contiv/gen"], ["contiv/node/n1", "contiv/groupmap"]])
+        self.assertEqual(len(gets[2]), 1)  # the changed bucket
+        self.assertEqual(gets[3:], [[f"contiv/group/{new.key}"]])
         self.assertEqual(state.groups[new.key], new)
         self.assertNotIn(old.key, state.groups)
 
@@ -294,10 +326,11 @@ class ChunkingTests(LayoutTestCase):
         state = self.poll(reader)
         self.assertIsNotNone(state, reader.problem)
         self.assertEqual(state.groups[self.big.key], self.big)
-        # gen, the index, the entries (one header among them), then all chunks at once.
+        # gen, the index and root, the buckets, the entries (one header among
+        # them), then all chunks at once.
         gets = self.store.gets()
-        self.assertEqual(len(gets), 4)
-        self.assertEqual(gets[3], chunks)
+        self.assertEqual(len(gets), 5)
+        self.assertEqual(gets[4], chunks)
 
     def test_missing_chunk_keeps_last_state_and_names_the_chunk(self) -> None:
         small = make_group(1)
@@ -338,7 +371,7 @@ class ChunkingTests(LayoutTestCase):
         self.assertIn("sha256", reader.problem)
 
     def test_chunked_node_index(self) -> None:
-        groups = [make_group(i, members=1) for i in range(3000)]
+        groups = [make_group(i, members=1) for i in range(4000)]
         policy = make_policy(1, groups[0], groups[1])
         index = make_index("n1", [policy], groups)
         self.publish(policies=[policy], groups=groups, nodes=[index], full=True)
@@ -364,7 +397,7 @@ class OrderingTests(LayoutTestCase):
         kinds = [("entries" if any("/group/" in k or "/policy/" in k for k in a) else
                   "indexes" if any("/node/" in k for k in a) else a)
                  for n, a in writes if n == "set_many"]
-        self.assertEqual(kinds, ["entries", "indexes", ["contiv/epoch"]])
+        self.assertEqual(kinds, ["entries", "indexes", ["contiv/groupmap"], ["contiv/epoch"]])
 
     def test_reader_between_writes_and_gen_sees_the_previous_state(self) -> None:
         self.publish(full=True)
@@ -422,7 +455,10 @@ class OrderingTests(LayoutTestCase):
         big = make_group(77, members=50)
         with self.assertRaises(StoreError) as raised:
             self.publish(groups=[*self.groups, big])
-        self.assertEqual(raised.exception.keys, (f"contiv/group/{big.key}",))
+        # The refused write names the new group (and the bucket written with it).
+        self.assertIn(f"contiv/group/{big.key}", raised.exception.keys)
+        self.assertFalse([k for k in raised.exception.keys
+                          if not k.startswith(("contiv/group/", "contiv/groupmap/"))])
         self.assertEqual(self.successResultOf(self.memory.get_many(["contiv/gen"])),
                          {"contiv/gen": b"1"})
         self.assertIsNone(self.poll(reader))
@@ -490,7 +526,7 @@ class GarbageTests(LayoutTestCase):
         new = make_group(0, members=4)
         live_policies = [p.id for p in self.policies]
         live_groups = [g.key for g in self.groups[1:]] + [new.key]
-        self.publish(chunked, groups=[*self.groups[1:], new])
+        self.publish(chunked, groups=[*self.groups[1:], new], nodes=[])
         old_keys = [k for k in self.memory.keys() if k.startswith(f"contiv/group/{old.key}")]
         self.assertGreater(len(old_keys), 1)
 
@@ -498,7 +534,8 @@ class GarbageTests(LayoutTestCase):
         self.clock.advance(60.0)
         self.assertEqual(self.run_(chunked.collect_garbage(live_policies, live_groups)), 0)
         self.clock.advance(0.5)
-        self.assertEqual(self.run_(chunked.collect_garbage(live_policies, live_groups)), 1)
+        # the old version of the group, and the map bucket that named it
+        self.assertEqual(self.run_(chunked.collect_garbage(live_policies, live_groups)), 2)
         self.assertFalse(set(old_keys) & set(self.memory.keys()))
         for key in live_groups:
             self.assertIn(f"contiv/group/{key}", self.memory.keys())
@@ -597,7 +634,7 @@ class ProblemTests(LayoutTestCase):
         self.assertIsNone(self.poll(self.reader))
         self.assertIs(self.reader.state, state)
         self.assertIsNone(self.reader.problem)
-        self.assertEqual(self.store.gets(), [["contiv/gen"], ["contiv/node/n1"]])
+        self.assertEqual(self.store.gets(), [["contiv/gen"], ["contiv/node/n1", "contiv/groupmap"]])
 
     def test_unexpected_error_never_escapes(self) -> None:
         self.store.get_many = lambda keys: succeed(None)  # type: ignore[method-assign]
@@ -617,6 +654,130 @@ class ProblemTests(LayoutTestCase):
         self.assertEqual(self.store.gets()[-1], [missing])
 
 
+class GroupMapTests(LayoutTestCase):
+    """The node index names group ids; the group map names their versions."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.publish(full=True)
+        self.reader = Reader(self.store, "n1")
+        self.first = self.poll(self.reader)
+
+    def test_a_group_version_change_rewrites_one_bucket_and_the_root_only(self) -> None:
+        changed = make_group(1, members=7)
+        groups = [changed if g.id == changed.id else g for g in self.groups]
+        del self.store.calls[:]
+        self.publish(groups=[changed], nodes=[])
+        written = [k for n, a in self.store.writes() if n == "set_many" for k in a]
+        self.assertEqual(sorted(k.split("/")[1] for k in written),
+                         ["group", "groupmap", "groupmap"])
+        # Both nodes use the group and see its new version, though no index changed.
+        for index in self.indexes:
+            state = self.poll(Reader(self.store, index.node))
+            self.assertIn(changed.key, state.index.groups)
+            self.assertNotIn(self.groups[1].key, state.index.groups)
+            self.assertEqual(content(state), expected_state(
+                NodeIndex(index.node, index.policies,
+                          tuple(sorted(changed.key if k.startswith(changed.id + ".") else k
+                                       for k in index.groups)), index.pods),
+                self.policies, groups))
+
+    def test_a_removed_group_leaves_the_map(self) -> None:
+        keep = self.policies[0]
+        used = [g for g in self.groups if g.id in keep.group_ids()]
+        unused = [g.id for g in self.groups if g.id not in keep.group_ids()]
+        self.indexes = [make_index("n1", [keep], used), make_index("n2", [], [])]
+        self.publish(policies=[keep], groups=[], nodes=self.indexes, removed_groups=unused)
+        self.assertEqual(self.publisher.group_map(), {g.id: g.key for g in used})
+        state = self.poll(self.reader)
+        self.assertEqual(content(state), expected_state(self.indexes[0], self.policies,
+                                                        self.groups))
+
+    def test_a_node_without_a_share_is_complete_and_empty(self) -> None:
+        # Never had pods: ready at once, with nothing to enforce.
+        idle = Reader(self.store, "n9")
+        state = self.poll(idle)
+        self.assertIsNotNone(state, idle.problem)
+        self.assertEqual(state.index, NodeIndex("n9", (), (), ()))
+        self.assertEqual(state.generation, 1)
+        # n2 loses its pods and policies: it leaves the map and its key goes.
+        self.indexes[1] = make_index("n2", [], [], pods=[])
+        n2 = Reader(self.store, "n2")
+        self.assertTrue(self.poll(n2).index.policies)
+        self.publish(nodes=[self.indexes[1]])
+        self.assertNotIn("contiv/node/n2", self.memory.keys())
+        self.assertNotIn("n2", self.publisher.node_generations())
+        self.assertEqual(self.poll(n2).index, NodeIndex("n2", (), (), ()))
+        self.assertIsNone(n2.problem)
+        # A full republish does not bring it back.
+        self.publish(full=True, nodes=self.indexes[:1])
+        self.assertEqual(self.poll(n2).index, NodeIndex("n2", (), (), ()))
+
+    def test_torn_read_is_retried_then_reported_and_the_state_kept(self) -> None:
+        new_group = make_group(40)
+        self.indexes[0] = make_index("n1", self.policies[:1], [new_group])
+        # Hold the publish after its indexes went in, before the root: the
+        # index is one generation ahead of the root that would date it.
+        self.store.hold = lambda name, arg: name == "set_many" and arg == ["contiv/groupmap"]
+        published = Deferred.fromCoroutine(self.publisher.publish(
+            policies=self.policies, groups=[*self.groups, new_group], nodes=self.indexes))
+        self.assertNoResult(published)
+        self.store.hold = None
+        # A reader that sees some newer gen (another publish) reads mid-publish.
+        self.successResultOf(self.memory.set_many({"contiv/gen": b"5"}))
+        del self.store.calls[:]
+        self.assertIsNone(self.poll(self.reader))
+        self.assertIs(self.reader.state, self.first)
+        self.assertIn("kept changing", self.reader.problem)
+        self.assertEqual(self.store.gets().count(["contiv/node/n1", "contiv/groupmap"]), 3)
+        self.store.release()
+        self.successResultOf(published)
+        state = self.poll(self.reader)
+        self.assertIsNone(self.reader.problem)
+        self.assertEqual(content(state), expected_state(
+            self.indexes[0], self.policies, [*self.groups, new_group]))
+
+    def test_an_evicted_index_the_map_dates_is_a_problem(self) -> None:
+        self.successResultOf(self.memory.delete_many(["contiv/node/n1"]))
+        fresh = Reader(self.store, "n1")
+        self.assertIsNone(self.poll(fresh))
+        self.assertIn("contiv/node/n1 missing", fresh.problem)
+        self.assertIn("evicted", fresh.problem)
+        self.assertEqual(self.run_(self.publisher.verify(self.publisher.written())),
+                         ["node/n1"])
+
+    def test_a_lost_root_or_bucket_is_a_problem_and_verify_finds_it(self) -> None:
+        root = json.loads(self.successResultOf(
+            self.memory.get_many(["contiv/groupmap"]))["contiv/groupmap"])
+        bucket = root["buckets"][bucket_of("n1", len(root["buckets"]))]
+        self.successResultOf(self.memory.delete_many([f"contiv/groupmap/{bucket}"]))
+        fresh = Reader(self.store, "n1")
+        self.assertIsNone(self.poll(fresh))
+        self.assertIn(f"contiv/groupmap/{bucket} missing", fresh.problem)
+        self.successResultOf(self.memory.delete_many(["contiv/groupmap"]))
+        self.assertIsNone(self.poll(fresh))
+        self.assertIn("contiv/groupmap missing", fresh.problem)
+        self.assertEqual(self.run_(self.publisher.verify(self.publisher.written())),
+                         sorted(["groupmap", f"groupmap/{bucket}"]))
+        self.publish(full=True)
+        self.assertIsNotNone(self.poll(fresh), fresh.problem)
+
+    def test_an_index_naming_a_group_the_map_lacks_is_a_problem(self) -> None:
+        raw = self.successResultOf(self.memory.get_many(["contiv/node/n1"]))["contiv/node/n1"]
+        doc = json.loads(raw)
+        doc["index"]["groups"].append("g.00000000000000ff")
+        self.successResultOf(self.memory.set_many({"contiv/node/n1": canonical_json(doc)}))
+        fresh = Reader(self.store, "n1")
+        self.assertIsNone(self.poll(fresh))
+        self.assertIn("names group g.00000000000000ff", fresh.problem)
+
+    def test_publisher_refuses_an_index_naming_an_unpublished_version(self) -> None:
+        stale = make_index("n1", self.policies[:1], [make_group(0, members=9)])
+        failure = self.failureResultOf(Deferred.fromCoroutine(self.publisher.publish(
+            policies=[], groups=[], nodes=[stale])), ValueError)
+        self.assertIn("not the published version of g.0000000000000000", str(failure.value))
+
+
 class KeyTests(unittest.SynchronousTestCase):
     def test_keys_over_250_bytes_are_refused_clearly(self) -> None:
         store = MemoryStore()
@@ -634,13 +795,20 @@ class KeyTests(unittest.SynchronousTestCase):
             Reader(store, "node with spaces")
 
 
+def stored_index(index: NodeIndex) -> dict:
+    """The index as the store holds it: group ids, not versions."""
+    value = index.to_json()
+    value["groups"] = [key.rsplit(".", 1)[0] for key in value["groups"]]
+    return value
+
+
 def test_index_encoding_is_the_canonical_json():
     """The pre-encoded node index is byte for byte what canonical_json would write."""
     policies, groups, indexes = make_cluster(nodes=("n1",))
     publisher = Publisher(MemoryStore(), clock=Clock())
     for index in indexes * 2:  # the second time from the cached pods encoding
         assert publisher._index_bytes(index, 7) == canonical_json(
-            {"generation": 7, "index": index.to_json()})
+            {"generation": 7, "index": stored_index(index)})
 
 
 def test_index_encoding_with_unusual_keys_and_empty_lists():
@@ -648,4 +816,4 @@ def test_index_encoding_with_unusual_keys_and_empty_lists():
     for index in (NodeIndex("n1", (), (), ()),
                   NodeIndex("n\u00e9", ("p.1",), ('g."odd".1',), (LocalPod("a/b", ("::1",)),))):
         assert publisher._index_bytes(index, 3) == canonical_json(
-            {"generation": 3, "index": index.to_json()})
+            {"generation": 3, "index": stored_index(index)})
