@@ -190,7 +190,10 @@ class NetmasterService(Service):
             groups = list(engine.groups.values())
             # Nodes the map still holds that lost their pods get an empty
             # index: it takes them out of the map and deletes their key.
-            nodes = sorted(engine.nodes() | set(self.publisher.node_generations()))
+            if self.published_generation is None:
+                await self._adopt()
+            nodes = sorted(engine.nodes() | set(self.publisher.node_generations())
+                           | self.publisher.adopted_nodes)
         else:
             policies = [engine.policies[i] for i in changes.added_policies
                         if i in engine.policies]
@@ -208,6 +211,8 @@ class NetmasterService(Service):
         except Exception:
             self._unpublished += unpublished
             raise
+        if full:
+            self.publisher.adopted_nodes.clear()
         if full and not self._heap_frozen:
             # The compiled cluster is a large, long-lived heap: left in the
             # collector's generations, every full collection scans all of it
@@ -221,6 +226,15 @@ class NetmasterService(Service):
         PUBLISHES.labels("full" if full else "incremental").inc()
         if started is not None:
             PUBLISH_SECONDS.observe(self.clock.seconds() - started)
+
+    async def _adopt(self) -> None:
+        """What an earlier netmaster left becomes this one's to collect."""
+        try:
+            await self.publisher.adopt()
+        except Exception as e:
+            # Only garbage collection depends on it: publish regardless.
+            self.log.warn("could not read what an earlier netmaster left in the store: "
+                          "{error}", error=e)
 
     async def _audit(self) -> None:
         """Find entries the store lost (evicted, restarted) and republish."""

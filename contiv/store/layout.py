@@ -187,6 +187,8 @@ class Publisher:
         self._bucket_groups: list[dict[str, str]] = [{} for _ in range(buckets)]
         self._bucket_nodes: list[dict[str, int]] = [{} for _ in range(buckets)]
         self._bucket_names: list[Optional[str]] = [None] * buckets
+        # nodes an earlier publisher's map named (see adopt)
+        self.adopted_nodes: set[str] = set()
 
     def key(self, name: str) -> str:
         return check_key(self.prefix + name)
@@ -353,6 +355,45 @@ class Publisher:
                       full=" (full)" if full else "")
         return generation
 
+    async def adopt(self) -> int:
+        """
+        Take over what an earlier publisher left that the store's current
+        root names (the entries, buckets and node indexes of a netmaster before
+        a restart, or of another replica), so that garbage collection deletes
+        them once nothing live names them, and the next full publish takes
+        nodes that lost their pods out of the map. Returns how many entries
+        were adopted. Entries that only older roots named are out of reach
+        (memcached cannot list keys) and stay until evicted.
+        """
+        docs, _ = await fetch_documents(self.store, [self._root_key])
+        root = docs.get(self._root_key)
+        if not isinstance(root, dict):
+            return 0
+        names = {bucket_name(h) for h in root.get("buckets", ())
+                 if isinstance(h, str) and _PLAIN_KEY.fullmatch(h)}
+        buckets, _ = await fetch_documents(self.store, [self.key(n) for n in sorted(names)])
+        nodes: set[str] = set()
+        for doc in buckets.values():
+            if isinstance(doc, dict):
+                names.update(group_name(k) for k in dict(doc.get("groups", {})).values())
+                nodes.update(dict(doc.get("nodes", {})))
+        indexes, _ = await fetch_documents(
+            self.store, [self.key(node_name(n)) for n in sorted(nodes)])
+        for doc in indexes.values():
+            try:
+                names.update(policy_name(i) for i in doc["index"]["policies"])
+            except (KeyError, TypeError):
+                continue
+        adopted = [name for name in names if name not in self._stored]
+        for name in adopted:
+            # Whether it is chunked is read when it is deleted: few ever are.
+            self._stored[name] = ()
+        self.adopted_nodes.update(nodes)
+        if adopted:
+            self.log.info("adopted {count} store entries and {nodes} node indexes an "
+                          "earlier publisher left", count=len(adopted), nodes=len(nodes))
+        return len(adopted)
+
     async def collect_garbage(self, live_policy_ids: Iterable[str],
                               live_group_keys: Iterable[str]) -> int:
         """
@@ -374,6 +415,19 @@ class Publisher:
                 doomed.append(name)
         if not doomed:
             return 0
+        unknown = [name for name in doomed if not self._stored[name]]
+        if unknown:
+            # Adopted entries: their chunks are named by their headers.
+            found = await self.store.get_many([self.key(name) for name in unknown])
+            for name in unknown:
+                keys = [self.key(name)]
+                try:
+                    header = _chunk_header(json.loads(found.get(self.key(name)) or b"null"))
+                except ValueError:
+                    header = None
+                if header is not None:
+                    keys.extend(header.keys(self.key(name)))
+                self._stored[name] = tuple(keys)
         await self.store.delete_many([key for name in doomed for key in self._stored[name]])
         for name in doomed:
             del self._stored[name]
@@ -501,6 +555,53 @@ class Publisher:
                           value=value, target=target)
         self.generation = value
         return value
+
+
+async def fetch_documents(store: Any, keys: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """
+    The decoded JSON of each key, reassembling chunked values; problems by
+    key for those missing or undecodable. One get_many for the keys, one
+    more for all the chunks their headers name.
+    """
+    found = await store.get_many(keys)
+    docs: dict[str, Any] = {}
+    problems: dict[str, str] = {}
+    headers: dict[str, _ChunkHeader] = {}
+    for key in keys:
+        raw = found.get(key)
+        if raw is None:
+            problems[key] = f"{key} missing"
+            continue
+        try:
+            doc = json.loads(raw)
+            header = _chunk_header(doc)
+        except ValueError as e:
+            problems[key] = f"{key} malformed: {e}"
+            continue
+        if header is None:
+            docs[key] = doc
+        else:
+            headers[key] = header
+    if not headers:
+        return docs, problems
+    chunks = await store.get_many(
+        [k for key, header in headers.items() for k in header.keys(key)])
+    for key, header in headers.items():
+        absent = [k for k in header.keys(key) if k not in chunks]
+        if absent:
+            problems[key] = (f"{absent[0]} missing (chunk of {key}, {len(absent)} of "
+                             f"{header.count} chunks missing)")
+            continue
+        data = b"".join(chunks[k] for k in header.keys(key))
+        if len(data) != header.size or hashlib.sha256(data).hexdigest() != header.sha256:
+            problems[key] = (f"{key}: its {header.count} chunks do not match the "
+                             f"header's size and sha256 (torn or overwritten)")
+            continue
+        try:
+            docs[key] = json.loads(data)
+        except ValueError as e:
+            problems[key] = f"{key} malformed: {e}"
+    return docs, problems
 
 
 # A read of the index and the root that caught a publish between them.
@@ -702,50 +803,7 @@ class Reader:
         self.index_generation = index_generation
 
     async def _fetch(self, keys: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
-        """
-        The decoded JSON of each key, reassembling chunked values; problems by
-        key for those missing or undecodable. One get_many for the keys, one
-        more for all the chunks their headers name.
-        """
-        found = await self.store.get_many(keys)
-        docs: dict[str, Any] = {}
-        problems: dict[str, str] = {}
-        headers: dict[str, _ChunkHeader] = {}
-        for key in keys:
-            raw = found.get(key)
-            if raw is None:
-                problems[key] = f"{key} missing"
-                continue
-            try:
-                doc = json.loads(raw)
-                header = _chunk_header(doc)
-            except ValueError as e:
-                problems[key] = f"{key} malformed: {e}"
-                continue
-            if header is None:
-                docs[key] = doc
-            else:
-                headers[key] = header
-        if not headers:
-            return docs, problems
-        chunks = await self.store.get_many(
-            [k for key, header in headers.items() for k in header.keys(key)])
-        for key, header in headers.items():
-            absent = [k for k in header.keys(key) if k not in chunks]
-            if absent:
-                problems[key] = (f"{absent[0]} missing (chunk of {key}, {len(absent)} of "
-                                 f"{header.count} chunks missing)")
-                continue
-            data = b"".join(chunks[k] for k in header.keys(key))
-            if len(data) != header.size or hashlib.sha256(data).hexdigest() != header.sha256:
-                problems[key] = (f"{key}: its {header.count} chunks do not match the "
-                                 f"header's size and sha256 (torn or overwritten)")
-                continue
-            try:
-                docs[key] = json.loads(data)
-            except ValueError as e:
-                problems[key] = f"{key} malformed: {e}"
-        return docs, problems
+        return await fetch_documents(self.store, keys)
 
     def _trim(self, index: NodeIndex) -> None:
         keep_policies = set(index.policies)

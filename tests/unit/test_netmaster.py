@@ -196,3 +196,30 @@ class NetmasterTests(unittest.TestCase):
         self.settle(12.0)
         self.assertNotIn(key, self.store.keys())
         self.assertEqual(self.read().policies, {})
+
+    def test_a_restarted_netmaster_collects_what_its_predecessor_left(self):
+        self.feed(namespace("default"), pod("web", "10.0.0.1", app="web"),
+                  pod("db", "10.0.0.5", node="node-2", app="db"),
+                  policy("p", app="web"), policy("q", app="db"), Synced())
+        self.settle()
+        old_policies = sorted(k for k in self.store.keys() if "/policy/" in k)
+        self.assertEqual(len(old_policies), 2)
+        self.successResultOf(self.netmaster.stopService())
+
+        # The successor starts on the same store; meanwhile q and node-2's pod went.
+        stream = EventStream()
+        self.netmaster = NetmasterService(self.source, stream, self.store, clock=self.clock,
+                                          audit_interval=5.0, grace_period=10.0)
+        self.netmaster.startService()
+        for item in (namespace("default"), pod("web", "10.0.0.1", app="web"),
+                     policy("p", app="web"), Synced()):
+            self.successResultOf(stream.put(item))
+        self.settle()
+        self.assertNotIn("contiv/node/node-2", self.store.keys())
+        node2 = Reader(self.store, "node-2")
+        self.assertEqual(self.successResultOf(node2.poll()).index.policies, ())
+        self.settle(20.0)
+        policies = sorted(k for k in self.store.keys() if "/policy/" in k)
+        self.assertEqual(len(policies), 1)
+        self.assertIn(policies[0], old_policies)
+        self.assertEqual(len(self.read().policies), 1)

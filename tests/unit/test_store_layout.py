@@ -541,6 +541,52 @@ class GarbageTests(LayoutTestCase):
             self.assertIn(f"contiv/group/{key}", self.memory.keys())
         self.assertEqual(self.run_(chunked.verify(chunked.written())), [])
 
+    def test_a_new_publisher_collects_what_an_earlier_one_left(self) -> None:
+        # An earlier netmaster (with a chunked group) published, then went away.
+        big = make_group(90, members=40)
+        earlier = Publisher(self.store, clock=self.clock, item_size=400)
+        policy = make_policy(90, big, self.groups[0])
+        self.indexes[1] = make_index("n2", [policy], [big, self.groups[0]])
+        self.publish(earlier, policies=[*self.policies, policy], groups=[*self.groups, big],
+                     full=True)
+        big_keys = [k for k in self.memory.keys() if k.startswith(f"contiv/group/{big.key}")]
+        self.assertGreater(len(big_keys), 1)
+
+        # Its successor's cluster no longer has the policy, nor pods on n2.
+        successor = Publisher(self.store, clock=self.clock)
+        adopted = self.run_(successor.adopt())
+        self.assertGreater(adopted, len(self.groups))
+        self.assertEqual(successor.adopted_nodes, {"n1", "n2"})
+        keep = self.policies[0]
+        used = [g for g in self.groups if g.id in keep.group_ids()]
+        self.publish(successor, policies=[keep], groups=used, full=True,
+                     nodes=[make_index("n1", [keep], used), make_index("n2", [], [], pods=[])])
+        self.assertNotIn("contiv/node/n2", self.memory.keys())
+        live_policies, live_groups = [keep.id], [g.key for g in used]
+        self.assertEqual(self.run_(successor.collect_garbage(live_policies, live_groups)), 0)
+        self.clock.advance(61)
+        self.assertGreater(self.run_(successor.collect_garbage(live_policies, live_groups)), 0)
+        left = set(self.memory.keys())
+        self.assertFalse(set(big_keys) & left)
+        self.assertNotIn(f"contiv/policy/{policy.id}", left)
+        # Every policy the earlier indexes named and the successor does not use;
+        # the others no index named were out of reach (and would wait for eviction).
+        named = {i for index in self.indexes for i in index.policies} - {keep.id}
+        self.assertTrue(named)
+        for policy_id in named:
+            self.assertNotIn(f"contiv/policy/{policy_id}", left)
+        self.assertEqual(sorted(k for k in left if k.startswith("contiv/group/")),
+                         sorted(f"contiv/group/{g.key}" for g in used))
+        # The earlier buckets went too: only the successor's map is left.
+        buckets = {k for k in left if k.startswith("contiv/groupmap/")}
+        self.assertEqual(buckets, {f"contiv/{name}" for name in successor.live_buckets()})
+        state = self.poll(Reader(self.store, "n1"))
+        self.assertEqual(list(state.policies), [keep.id])
+
+    def test_adopting_an_empty_store_adopts_nothing(self) -> None:
+        self.assertEqual(self.run_(self.publisher.adopt()), 0)
+        self.assertEqual(self.publisher.adopted_nodes, set())
+
     def test_referenced_again_restarts_the_grace_period(self) -> None:
         self.publish(full=True)
         policy = self.policies[0]
