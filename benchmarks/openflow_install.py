@@ -564,10 +564,10 @@ async def event_to_enforced(reactor: Any, workdir: str, events: int) -> dict:
             finally:
                 phases["pipeline"] = time.perf_counter() - t
 
-        async def timed_bundle(protocol, changes, _bundle=manager._bundle):
+        async def timed_bundle(protocol, changes, *args, _bundle=manager._bundle):
             t = time.perf_counter()
             try:
-                return await _bundle(protocol, changes)
+                return await _bundle(protocol, changes, *args)
             finally:
                 phases["bundle"] = time.perf_counter() - t
 
@@ -594,7 +594,7 @@ async def event_to_enforced(reactor: Any, workdir: str, events: int) -> dict:
         gc.collect()
         for i in range(events):
             kind, event = source.event(i)
-            before = manager.installed
+            before = dict(manager.installed)  # the manager updates its own in place
             phases.clear()
             t0 = time.perf_counter()
             engine.apply(event)
@@ -737,21 +737,22 @@ def print_table(through: list[dict], events: Optional[dict], shapes: list[dict],
         if n == 0:
             print(line)
     print()
-    notes = [
-        "Notes:",
-        "- Throughput: median of the runs per size (all runs, seconds: "
-        + "; ".join(f"{r['size']:,}: " + ", ".join(
-            f"{m} " + "/".join(f"{t:.2f}" for t in r["all"][m]) for m in r["all"])
-            for r in through) + ").",
-        "  contiv times include encoding every Flow (cold FlowEncoder); ovs-ofctl's include "
-        "parsing the file; every run ended with exactly N flows in the bridge"
-        + (", and at 10,000 contiv's table equalled ovs-ofctl's line for line"
-           if any(r["same_table"] for r in through) else "") + ".",
-        "  Until the last chunk was encoded and handed to the transport in the contiv "
-        "bundle runs (OVS installs earlier chunks meanwhile), median: "
-        + ", ".join(f"{statistics.median(PYTHON_SECONDS[r['size']]):.2f} s at {r['size']:,}"
-                    for r in through if r["size"] in PYTHON_SECONDS) + ".",
-    ]
+    notes = ["Notes:"]
+    if through:
+        notes += [
+            "- Throughput: median of the runs per size (all runs, seconds: "
+            + "; ".join(f"{r['size']:,}: " + ", ".join(
+                f"{m} " + "/".join(f"{t:.2f}" for t in r["all"][m]) for m in r["all"])
+                for r in through) + ").",
+            "  contiv times include encoding every Flow (cold FlowEncoder); ovs-ofctl's include "
+            "parsing the file; every run ended with exactly N flows in the bridge"
+            + (", and at 10,000 contiv's table equalled ovs-ofctl's line for line"
+               if any(r["same_table"] for r in through) else "") + ".",
+            "  Until the last chunk was encoded and handed to the transport in the contiv "
+            "bundle runs (OVS installs earlier chunks meanwhile), median: "
+            + ", ".join(f"{statistics.median(PYTHON_SECONDS[r['size']]):.2f} s at {r['size']:,}"
+                        for r in through if r["size"] in PYTHON_SECONDS) + ".",
+        ]
     worse = [row for row in shapes if row["bound"] > row["naive"]]
     if worse:
         notes.append("- N+M+P+1 is more than the cross product N x M x P for "
@@ -770,8 +771,8 @@ def print_table(through: list[dict], events: Optional[dict], shapes: list[dict],
             f"{e['final_flows']:,} flows in the bridge at the end, as the manager holds.",
             "  p50 by kind: " + ", ".join(f"{k} {v:.0f} ms" for k, v in e["by_kind"].items())
             + ". engine = apply + take_changes + node_index + NodeState; pipeline = the "
-            "manager's pipeline_flows over the whole node state (_wanted); diff = the rest of "
-            "update() (every wanted flow compared with the installed one); bundle = encode, "
+            "manager's IncrementalPipeline.update (_wanted); diff = the rest of "
+            "update() (the changed flows compared with the installed ones); bundle = encode, "
             "send, commit confirmed.",
             "  Not timed: the memcached publish and netplugin's poll of the store "
             "(benchmarks/policy_compile.py measures the store hop; netplugin polls every "
@@ -788,11 +789,13 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     workdir = tempfile.mkdtemp(prefix="contiv-ofbench-")
     try:
         sizes = tuple(args.sizes) if args.sizes else SIZES
-        through = await throughput(reactor, workdir, sizes, args.repeats)
+        parts = {args.only} if args.only else {"throughput", "event", "shapes"}
+        through = (await throughput(reactor, workdir, sizes, args.repeats)
+                   if "throughput" in parts else [])
         events = None
-        if args.events:
+        if args.events and "event" in parts:
             events = await event_to_enforced(reactor, workdir, args.events)
-        shapes = flows_per_rule()
+        shapes = flows_per_rule() if "shapes" in parts else []
     finally:
         running = processes_under(workdir)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -808,6 +811,8 @@ def cli() -> None:
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--events", type=int, default=EVENTS,
                         help="events to time (0: skip part 2)")
+    parser.add_argument("--only", choices=("throughput", "event", "shapes"),
+                        help="run only this part (1, 2 or 3), e.g. while iterating")
     args = parser.parse_args()
     missing = available()
     if missing:

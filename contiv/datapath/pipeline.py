@@ -216,6 +216,13 @@ class ConjunctionIds:
         self._key_of[candidate] = key
         return candidate
 
+    def release(self, keys: Iterable[ConjunctionKey]) -> None:
+        """Forget these keys (those not held are no matter), freeing their ids."""
+        for key in keys:
+            held = self._by_key.pop(key, None)
+            if held is not None:
+                del self._key_of[held]
+
     def retain(self, keys: Iterable[ConjunctionKey]) -> None:
         """Forget every key not in C{keys}, freeing its id."""
         kept = set(keys)
@@ -231,7 +238,6 @@ class NodeStateLike(Protocol):
     groups: Mapping[str, Group]
 
 
-@functools.lru_cache(maxsize=65536)
 @functools.lru_cache(maxsize=1 << 18)
 def _normal(address: str) -> str:
     """One spelling per address (IPv6 has many), so that equal addresses match equal."""
@@ -251,6 +257,16 @@ class _NodeView:
     members: Mapping[str, Addressed]  # group id -> every member
     local_members: Mapping[str, Addressed]  # group id -> the members that are pods here
     known: Mapping[str, tuple[NamedPort, ...]]  # every pod address the node knows of
+    # (peer groups, cidrs) -> their _Peers: rules that share peers share the work
+    _peers: dict = field(default_factory=dict, compare=False)
+
+    def peers(self, rule: Rule) -> "_Peers":
+        found = self._peers.get((rule.peer_groups, rule.cidrs))
+        if found is None:
+            found = _Peers.of([(a for a, _ in self.members[g]) for g in rule.peer_groups],
+                               rule.cidrs)
+            self._peers[(rule.peer_groups, rule.cidrs)] = found
+        return found
 
     @classmethod
     def of(cls, state: NodeStateLike) -> "_NodeView":
@@ -291,6 +307,40 @@ class _NodeView:
 PortMatch = tuple[str, Optional[int], int]
 
 
+class _Peers:
+    """
+    A conjunction's peers: networks, and the clause flows that match them,
+    memoised per table and families. A peer group is typically shared by many
+    rules (and a thousand members is common), so the incremental pipeline
+    keeps one of these per group version and every rule over it reuses the
+    same set of flow identities instead of building its own.
+    """
+
+    __slots__ = ("networks", "versions", "_identities")
+
+    def __init__(self, networks: tuple[Network, ...]):
+        self.networks = networks
+        self.versions = frozenset(n.version for n in networks)
+        self._identities: dict[tuple, frozenset] = {}
+
+    @classmethod
+    def of(cls, groups: Iterable[Iterable[str]], cidrs: Iterable[str]) -> "_Peers":
+        """A rule's peers: its peer groups' (normalised) addresses, then its networks."""
+        addresses = sorted(set().union(*groups))
+        return cls(tuple(_host(a) for a in addresses)
+                   + tuple(ipaddress.ip_network(c) for c in cidrs))
+
+    def identities(self, table: int, side: str, families: frozenset) -> frozenset:
+        """The identities of the clause flows matching these peers, in these families."""
+        key = (table, side, families)
+        found = self._identities.get(key)
+        if found is None:
+            found = frozenset((table, PRIORITY_CONJUNCTION, _address_match_items(p, side))
+                              for p in self.networks if p.version in families)
+            self._identities[key] = found
+        return found
+
+
 @dataclass(frozen=True)
 class _Conjunctive:
     """
@@ -301,7 +351,7 @@ class _Conjunctive:
     key: ConjunctionKey
     table: int
     targets: tuple[str, ...]
-    peers: Optional[tuple[Network, ...]]
+    peers: Optional[_Peers]
     ports: Optional[tuple[PortMatch, ...]]
 
 
@@ -346,11 +396,8 @@ def _rule_conjunctions(view: _NodeView, policy: CompiledPolicy, direction: str, 
     targets = tuple(address for address, _ in targets_with_ports)
     if not targets:
         return []
-    peer_addresses = sorted({address for g in rule.peer_groups
-                             for address, _ in view.members[g]})
     cidrs = tuple(ipaddress.ip_network(c) for c in rule.cidrs)
-    peers: Optional[tuple[Network, ...]] = (
-        None if rule.any_peer else tuple(_host(a) for a in peer_addresses) + cidrs)
+    peers = None if rule.any_peer else view.peers(rule)
     key = (policy.id, direction, index)
 
     numbered = [p for p in rule.ports if p.name is None]
@@ -383,7 +430,7 @@ def _rule_conjunctions(view: _NodeView, policy: CompiledPolicy, direction: str, 
             conjunctions.append(_Conjunctive(variant, table, on, peers, ports))
         else:
             conjunctions.append(_Conjunctive(variant, table, targets,
-                                             tuple(_host(a) for a in on), ports))
+                                             _Peers(tuple(_host(a) for a in on)), ports))
     return conjunctions
 
 
@@ -448,12 +495,12 @@ def _dimensions(conjunctive: _Conjunctive) -> list[list[dict[str, Any]]]:
     targets = [_host(a) for a in conjunctive.targets]
     families = {t.version for t in targets}
     if conjunctive.peers is not None:
-        families &= {p.version for p in conjunctive.peers}
+        families &= conjunctive.peers.versions
     if not families:
         return []
     dimensions = [[_address_match(t, own_side) for t in targets if t.version in families]]
     if conjunctive.peers is not None:
-        dimensions.append([_address_match(p, peer_side) for p in conjunctive.peers
+        dimensions.append([_address_match(p, peer_side) for p in conjunctive.peers.networks
                            if p.version in families])
     if conjunctive.ports is not None:
         dimensions.append([_port_match(port, _family(version))
@@ -669,61 +716,109 @@ def flow_count_report(state: NodeStateLike) -> list[RuleFlowCount]:
     return _build(state, 1, False, 0, None)[1]
 
 
-# -- one policy at a time -------------------------------------------------------------
+# -- one clause at a time -------------------------------------------------------------
+
+Identity = tuple  # (table, priority, match): what makes two flows the same flow
+# What one piece of the pipeline contributes: the flows it wants, all with the same actions.
+Part = tuple[frozenset, tuple[Action, ...]]
+
+
+class _GroupVersion:
+    """
+    One version of a group, as the incremental pipeline reads it: the same
+    version is used by many rules, so whatever they need of it is worked out
+    once and kept for as long as the node's index names it.
+    """
+
+    __slots__ = ("group", "pods", "_addresses", "_local", "_members", "peers")
+
+    def __init__(self, group: Group):
+        self.group = group
+        self.pods = frozenset(m.pod for m in group.members)
+        self._addresses: Optional[frozenset[str]] = None
+        # Both for the latest local pods, keyed by which of the group's pods
+        # are here: only a pod landing on or leaving the node changes them.
+        self._local: Optional[tuple[tuple[str, ...], Addressed]] = None
+        self._members: Optional[tuple[tuple[str, ...], Addressed]] = None
+        self.peers: dict[tuple, _Peers] = {}  # (other peer group keys, cidrs) -> _Peers
+
+    @property
+    def addresses(self) -> frozenset[str]:
+        if self._addresses is None:
+            self._addresses = frozenset(_normal(m.ip) for m in self.group.members)
+        return self._addresses
+
+    def _addressed(self, here: frozenset, only_here: bool) -> Addressed:
+        # As _NodeView.of orders them (its sort key holds whether the pod is here).
+        addressed = sorted({(_normal(m.ip), m.named_ports, m.pod in here)
+                            for m in self.group.members if m.pod in here or not only_here},
+                           key=lambda m: (m[0], repr(m[1:])))
+        return tuple((a, ports) for a, ports, _ in addressed)
+
+    def local_members(self, local_pods: frozenset) -> Addressed:
+        # Intersecting the smaller set: the node's pods, not the group's thousand.
+        local = tuple(sorted(self.pods & local_pods))
+        if self._local is None or self._local[0] != local:
+            self._local = (local, self._addressed(frozenset(local), True))
+        return self._local[1]
+
+    def members(self, local_pods: frozenset) -> Addressed:
+        local = tuple(sorted(self.pods & local_pods))
+        if self._members is None or self._members[0] != local:
+            self._members = (local, self._addressed(frozenset(local), False))
+        return self._members[1]
+
 
 class _LazyView:
     """
     What _rule_conjunctions reads of a _NodeView, computed per group only when
-    asked and cached by the group's version: a change to one group costs that
-    group, not the node's whole state.
+    asked and kept per group version (in C{versions}, which the pipeline
+    holds across updates): a change to one group costs that group, not the
+    node's whole state.
     """
 
     def __init__(self, state: NodeStateLike, keys: Mapping[str, str],
-                 local_pods: frozenset, cache: dict):
+                 local_pods: frozenset, versions: dict[str, _GroupVersion]):
         self._state = state
         self._keys = keys  # group id -> key
-        self._local_pods = local_pods
-        self._cache = cache
-        self.members = _Lookup(self, 0)
-        self.local_members = _Lookup(self, 1)
+        self.local_pods = local_pods
+        self._versions = versions
+        self.members = _Lookup(lambda g: self._version(g).members(local_pods))
+        self.local_members = _Lookup(lambda g: self._version(g).local_members(local_pods))
         self._known: Optional[dict] = None
-        self._local_subsets: dict[str, tuple[str, ...]] = {}
-        self.used: set = set()  # cache entries this update read
 
-    def _group(self, group_id: str) -> tuple[str, Group]:
+    @property
+    def index(self) -> NodeIndex:
+        return self._state.index
+
+    def _version(self, group_id: str) -> _GroupVersion:
         key = self._keys.get(group_id)
         if key is None:
             raise KeyError(f"node {self._state.index.node}: group {group_id} is not in its "
                            f"index")
-        group = self._state.groups.get(key)
-        if group is None:
-            raise KeyError(f"node {self._state.index.node}: group {key} missing from "
-                           f"the state")
-        return key, group
+        version = self._versions.get(key)
+        if version is None:
+            group = self._state.groups.get(key)
+            if group is None:
+                raise KeyError(f"node {self._state.index.node}: group {key} missing from "
+                               f"the state")
+            version = self._versions[key] = _GroupVersion(group)
+        return version
 
-    def local_subset(self, group_id: str) -> tuple[str, ...]:
-        """The group's members that are pods on this node (what a pod landing here changes)."""
-        subset = self._local_subsets.get(group_id)
-        if subset is None:
-            local = self._local_pods
-            subset = tuple(sorted({m.pod for m in self._group(group_id)[1].members
-                                   if m.pod in local}))
-            self._local_subsets[group_id] = subset
-        return subset
+    def key(self, group_id: str) -> str:
+        return self._keys[group_id]
 
-    def addressed(self, group_id: str) -> tuple[Addressed, Addressed]:
-        key, group = self._group(group_id)
-        local = self.local_subset(group_id)
-        self.used.add((key, local))
-        entry = self._cache.get((key, local))
-        if entry is None:
-            here = frozenset(local)
-            addressed = sorted({(_normal(m.ip), m.named_ports, m.pod in here)
-                                for m in group.members}, key=lambda m: (m[0], repr(m[1:])))
-            entry = (tuple((a, ports) for a, ports, _ in addressed),
-                     tuple((a, ports) for a, ports, in_here in addressed if in_here))
-            self._cache[(key, local)] = entry
-        return entry
+    def peers(self, rule: Rule) -> _Peers:
+        versions = [self._version(g) for g in rule.peer_groups]
+        if not versions:
+            return _Peers.of((), rule.cidrs)
+        # Kept on the first peer group's version: it goes when that version does.
+        key = (tuple(self._keys[g] for g in rule.peer_groups[1:]), rule.cidrs)
+        found = versions[0].peers.get(key)
+        if found is None:
+            found = versions[0].peers[key] = _Peers.of([v.addresses for v in versions],
+                                                       rule.cidrs)
+        return found
 
     @property
     def known(self) -> Mapping[str, tuple[NamedPort, ...]]:
@@ -739,28 +834,118 @@ class _LazyView:
 
 
 class _Lookup:
-    def __init__(self, view: _LazyView, which: int):
-        self._view = view
-        self._which = which
+    """view.members[group id], as _NodeView spells it, answered by a function."""
+
+    def __init__(self, find):
+        self._find = find
 
     def __getitem__(self, group_id: str) -> Addressed:
-        return self._view.addressed(group_id)[self._which]
+        return self._find(group_id)
 
 
-def _needs_known(policy: CompiledPolicy) -> bool:
-    """Whether the policy's flows depend on every pod the node knows (egress named ports)."""
-    return any(rule.direction == EGRESS and (rule.any_peer or rule.cidrs)
-               and any(p.name is not None for p in rule.ports) for rule in policy.rules)
+def _needs_known(rule: Rule) -> bool:
+    """Whether a rule's flows depend on every pod the node knows (egress named ports)."""
+    return (rule.direction == EGRESS and (rule.any_peer or bool(rule.cidrs))
+            and any(p.name is not None for p in rule.ports))
+
+
+def _conjunctive_parts(conjunctive: _Conjunctive, ids: ConjunctionIds
+                       ) -> dict[tuple, Part]:
+    """
+    What _dimensions and _add_conjunctive make of one conjunction, as one part
+    per clause (and one for the conj_id flow), so that a change of peers
+    changes only the peer clause. Each part's identities are a set: the
+    unchanged part of a clause is found with a set difference.
+    """
+    table, key = conjunctive.table, conjunctive.key
+    own_side, peer_side = ("dst", "src") if table == INGRESS_RULES else ("src", "dst")
+    targets = [_host(a) for a in conjunctive.targets]
+    families = {t.version for t in targets}
+    if conjunctive.peers is not None:
+        families &= conjunctive.peers.versions
+    if not families:
+        return {}
+    single = conjunctive.peers is None and conjunctive.ports is None
+    priority = PRIORITY_ALLOW if single else PRIORITY_CONJUNCTION
+    dimensions = [frozenset((table, priority, _address_match_items(t, own_side))
+                            for t in targets if t.version in families)]
+    if conjunctive.peers is not None:
+        dimensions.append(conjunctive.peers.identities(table, peer_side, frozenset(families)))
+    if conjunctive.ports is not None:
+        dimensions.append(frozenset(
+            (table, priority, tuple(sorted(_port_match(port, _family(version)).items())))
+            for version in sorted(families) for port in conjunctive.ports))
+    if any(not identities for identities in dimensions):
+        return {}
+    hit = (Goto(_next_table(conjunctive)),)
+    if single:
+        return {key + ("hit",): (dimensions[0], hit)}
+    conj_id = ids.id_for(key)
+    parts = {key + (clause,): (identities, (Conjunction(conj_id, clause, len(dimensions)),))
+             for clause, identities in enumerate(dimensions, start=1)}
+    parts[key + ("hit",)] = (frozenset({(table, PRIORITY_CONJUNCTION,
+                                         (("conj_id", conj_id),))}), hit)
+    return parts
+
+
+def _rule_parts(view: _LazyView, policy: CompiledPolicy, direction: str, index: int,
+                rule: Rule, ids: ConjunctionIds) -> dict[tuple, Part]:
+    parts: dict[tuple, Part] = {}
+    for conjunctive in _rule_conjunctions(view, policy, direction, index, rule):
+        parts.update(_conjunctive_parts(conjunctive, ids))
+    return parts
+
+
+def _isolation_parts(policy: CompiledPolicy, local_members: Addressed) -> dict[tuple, Part]:
+    """The policy's share of the default tables: its local pods are isolated (dropped)."""
+    parts = {}
+    for direction, table, side in ((EGRESS, EGRESS_DEFAULT, "src"),
+                                   (INGRESS, INGRESS_DEFAULT, "dst")):
+        if direction in policy.types and local_members:
+            parts[(policy.id, direction, "isolated")] = (frozenset(
+                (table, PRIORITY_ISOLATED, _address_match_items(_host(address), side))
+                for address, _ in local_members), ())
+    return parts
+
+
+def _dns_parts(pods: tuple[LocalPod, ...]) -> dict[tuple, Part]:
+    """Every local pod's DNS queries go to the controller."""
+    identities = frozenset(
+        (DNS_INTERCEPT, PRIORITY_STATIC,
+         tuple(sorted({**_address_match(address, "src"), "ip_proto": IP_PROTO["UDP"],
+                       "udp_dst": DNS_PORT}.items())))
+        for address in _local_addresses(pods))
+    return {("dns",): (identities, (Output(CONTROLLER),))} if identities else {}
+
+
+def _fixed_parts(zone: int, dns_intercept: bool, tables: Mapping[int, Table]
+                 ) -> dict[tuple, Part]:
+    """The static stages and every table's miss: one part per flow, never changing."""
+    flows = _FlowSet(0)
+    _static_flows(flows, zone, dns_intercept)
+    for table in tables.values():
+        if table.id == DNS_INTERCEPT and not dns_intercept:
+            continue
+        flows.add(table.id, PRIORITY_MISS, {}, table.miss)
+    return {("fixed", identity): (frozenset({identity}), tuple(actions))
+            for identity, actions in flows._actions.items()}
 
 
 class IncrementalPipeline:
     """
-    L{pipeline_flows}, kept current one policy at a time. Each policy's flows
-    are computed from the policy and the versions of the groups it uses, and
-    kept until one of those changes; flows that several policies share are
-    merged from what each contributes. C{update} returns the identities whose
-    flow changed, so a datapath sends exactly those. Its result always equals
-    C{pipeline_flows} of the same state with the same conjunction ids.
+    L{pipeline_flows}, kept current one piece at a time. The pipeline is cut
+    into parts: per conjunction, each clause (the local pods, the peers, the
+    ports) and its conj_id flow; per policy, its isolation flows; the DNS
+    intercept and the static flows. A part is a set of flow identities with
+    the actions they all carry. Every rule (and policy) remembers the inputs
+    its parts came from (its signature: the versions of its peer groups, its
+    local pods); an update recomputes only those whose inputs changed, and
+    for each recomputed part withdraws and contributes only the identities
+    that differ -- a peer joining a group used by many rules costs one flow
+    per rule, not the group's every member. Flows that several parts share
+    are merged from what each contributes. C{update} returns the identities
+    whose flow changed, so a datapath sends exactly those. Its result always
+    equals C{pipeline_flows} of the same state with the same conjunction ids.
     """
 
     def __init__(self, *, zone: int = 1, dns_intercept: bool = False, cookie: int = 0,
@@ -770,102 +955,186 @@ class IncrementalPipeline:
         self.cookie = cookie
         self.ids = conjunction_ids if conjunction_ids is not None else ConjunctionIds()
         self.tables = _tables(zone)
-        self.flows: dict[tuple, Flow] = {}
-        # policy id -> (signature, {identity: actions}, conjunction keys)
-        self._policies: dict[str, tuple[tuple, dict[tuple, tuple], list]] = {}
-        # identity -> {policy id: actions}, for flows policies contribute
-        self._contributors: dict[tuple, dict[str, tuple]] = {}
-        self._fixed: dict[tuple, Flow] = {}
-        self._groups_cache: dict = {}
+        self.flows: dict[Identity, Flow] = {}
+        # entry (a rule: (policy id, direction, index); a policy's isolation;
+        # DNS; the static flows) -> (signature, {part key: part})
+        self._entries: dict[tuple, tuple[Any, dict[tuple, Part]]] = {}
+        self._entries_of: dict[str, list[tuple]] = {}  # policy id -> its entries
+        # identity -> {part key: actions}, for every flow some part wants
+        self._contributors: dict[Identity, dict[tuple, tuple[Action, ...]]] = {}
+        self._versions: dict[str, _GroupVersion] = {}  # group key -> what rules read of it
+        self._uses: dict[str, tuple[str, ...]] = {}  # policy id -> the groups it uses
+        self._users: dict[str, set[str]] = {}  # group id -> the policies that use it
+        self._knowing: set[str] = set()  # policies with a rule that reads every pod known
+        self._index: Optional[NodeIndex] = None  # what the last update brought us to
+        self._started = False
 
-    def update(self, state: NodeStateLike) -> set[tuple]:
+    def _to_refresh(self, index: NodeIndex, policies: Mapping[str, CompiledPolicy]
+                    ) -> Iterable[str]:
+        """
+        The policies whose flows this index may change: new ones, and those
+        using a group whose version changed; every one if the local pods
+        changed (they decide which members are targets). Looking only at these
+        keeps an event's cost independent of how many policies the node has.
+        """
+        previous = self._index
+        if previous is None or previous.pods != index.pods:
+            return policies
+        changed = set(previous.groups).symmetric_difference(index.groups)
+        if not changed:
+            return [p for p in policies if p not in self._entries_of]
+        chosen = {p for p in policies if p not in self._entries_of}
+        for group_id in {key.rsplit(".", 1)[0] for key in changed}:
+            chosen.update(self._users.get(group_id, ()))
+        chosen.update(self._knowing)
+        return [p for p in chosen if p in policies]
+
+    def update(self, state: NodeStateLike) -> set[Identity]:
         keys = {key.rsplit(".", 1)[0]: key for key in state.index.groups}
         local_pods = frozenset(pod.key for pod in state.index.pods)
-        view = _LazyView(state, keys, local_pods, self._groups_cache)
+        view = _LazyView(state, keys, local_pods, self._versions)
         policies = {}
         for policy_id in state.index.policies:
             policy = state.policies.get(policy_id)
             if policy is None:
                 raise KeyError(f"node {state.index.node}: policy {policy_id} missing from "
                                f"the state")
-            for group_id in policy.group_ids():
+            policies[policy_id] = policy
+        refresh = sorted(self._to_refresh(state.index, policies))
+        for policy_id in refresh:
+            for group_id in policies[policy_id].group_ids():
                 if group_id not in keys:
                     raise KeyError(f"node {state.index.node}: policy {policy_id} references "
                                    f"group {group_id}, which the node's index does not name")
-            policies[policy_id] = policy
 
-        touched: set[tuple] = set()
-        for policy_id in [p for p in self._policies if p not in policies]:
-            touched.update(self._withdraw(policy_id))
-        for policy_id in sorted(policies):
-            policy = policies[policy_id]
-            # Peers are whole groups; only the applied-to group's local pods
-            # matter, so a pod landing on the node recomputes only the
-            # policies that select it.
-            signature = (tuple(keys[g] for g in policy.group_ids()),
-                         view.local_subset(policy.applied_to),
-                         (tuple(state.index.groups), local_pods) if _needs_known(policy)
-                         else None)
-            held = self._policies.get(policy_id)
-            if held is not None and held[0] == signature:
-                continue
-            if held is not None:
-                touched.update(self._withdraw(policy_id))
-            touched.update(self._contribute(policy_id, signature, policy, view))
-        self.ids.retain(key for _, _, conj_keys in self._policies.values()
-                        for key in conj_keys)
+        touched: set[Identity] = set()
+        released: list[tuple] = []
+        if not self._started:
+            self._set(("fixed",), None, _fixed_parts(self.zone, self.dns_intercept,
+                                                     self.tables), touched, released)
+        if self.dns_intercept:
+            self._refresh(("dns",), state.index.pods, lambda: _dns_parts(state.index.pods),
+                          touched, released)
+        for policy_id in [p for p in self._entries_of if p not in policies]:
+            self._forget(policy_id, touched, released)
+        for policy_id in refresh:
+            self._refresh_policy(policies[policy_id], view, touched, released)
+        if self._started:
+            self.ids.release(released)
+        else:
+            # A fresh pipeline may share its ids with one that failed half way.
+            self.ids.retain(part[:-1] for _, parts in self._entries.values()
+                            for part in parts if part[-1] == "hit")
+            self._started = True
+        # Keep only the group versions the node's index names, so that the
+        # cache follows the node's share instead of every version ever seen.
+        if len(self._versions) > len(keys):
+            current = set(state.index.groups)
+            for key in [k for k in self._versions if k not in current]:
+                del self._versions[key]
 
-        fixed = self._fixed_flows(state, view, list(policies.values()))
-        # Keep only the group versions this update read, so that the cache
-        # follows the node's share instead of every version ever seen.
-        self._groups_cache = {k: v for k, v in self._groups_cache.items() if k in view.used}
-        changed = {identity for identity in fixed.keys() | self._fixed.keys()
-                   if fixed.get(identity) != self._fixed.get(identity)}
-        self._fixed = fixed
         for identity in touched:
             flow = self._merged(identity)
             if flow is None:
                 self.flows.pop(identity, None)
             else:
                 self.flows[identity] = flow
-        for identity in changed:
-            if identity in fixed:
-                self.flows[identity] = fixed[identity]
+        self._index = state.index
+        return touched
+
+    def _forget(self, policy_id: str, touched: set, released: list) -> None:
+        for entry in self._entries_of.pop(policy_id):
+            self._set(entry, None, {}, touched, released)
+        for group_id in self._uses.pop(policy_id):
+            users = self._users[group_id]
+            users.discard(policy_id)
+            if not users:
+                del self._users[group_id]
+        self._knowing.discard(policy_id)
+
+    def _refresh_policy(self, policy: CompiledPolicy, view: _LazyView,
+                        touched: set, released: list) -> None:
+        # Only the applied-to group's local members matter (its other members
+        # are not this node's business), so a pod landing elsewhere in it
+        # recomputes nothing.
+        local_members = view.local_members[policy.applied_to]
+        groups = view.index.groups
+        entries = self._entries_of.get(policy.id)
+        if entries is None:
+            entries = self._entries_of[policy.id] = [(policy.id, "isolated")]
+            entries.extend((policy.id, direction, index) for direction, index, _ in
+                           _rules(policy))
+            self._uses[policy.id] = policy.group_ids()
+            for group_id in self._uses[policy.id]:
+                self._users.setdefault(group_id, set()).add(policy.id)
+            if any(_needs_known(rule) for _, _, rule in _rules(policy)):
+                self._knowing.add(policy.id)
+        self._refresh(entries[0], local_members,
+                      lambda: _isolation_parts(policy, local_members), touched, released)
+        for entry, (direction, index, rule) in zip(entries[1:], _rules(policy)):
+            # A rule reads its local members, its peer groups (their named
+            # ports too) and, for an egress named port over any address,
+            # every pod the node knows of.
+            signature = (local_members, tuple(view.key(g) for g in rule.peer_groups),
+                         tuple(view.key(g) for g in rule.port_groups),
+                         (groups, view.local_pods) if _needs_known(rule) else None)
+            self._refresh(entry, signature,
+                          functools.partial(_rule_parts, view, policy, direction, index,
+                                            rule, self.ids), touched, released)
+
+    def _refresh(self, entry: tuple, signature: Any, parts, touched: set,
+                 released: list) -> None:
+        """Recompute an entry's parts, with C{parts()}, if its signature changed."""
+        held = self._entries.get(entry)
+        if held is None or held[0] != signature:
+            self._set(entry, signature, parts(), touched, released)
+
+    def _set(self, entry: tuple, signature: Any, parts: dict[tuple, Part],
+             touched: set, released: list) -> None:
+        """
+        Replace an entry's parts, withdrawing and contributing only the
+        identities that differ. Parts are keyed by what they are (a clause of
+        a conjunction, say), so a part that is still there is diffed with its
+        old self.
+        """
+        old = self._entries.pop(entry, (None, {}))[1]
+        if parts or signature is not None:
+            self._entries[entry] = (signature, parts)
+        contributors = self._contributors
+        for part_key, (identities, actions) in old.items():
+            new = parts.get(part_key)
+            if new is not None and new[1] == actions:
+                if new[0] is identities:
+                    continue
+                gone = identities - new[0]
             else:
-                self.flows.pop(identity, None)
-        return touched | changed
+                gone = identities
+                if new is None and part_key[-1] == "hit":
+                    released.append(part_key[:-1])  # the conjunction is gone
+            for identity in gone:
+                held = contributors[identity]
+                del held[part_key]
+                if not held:
+                    del contributors[identity]
+            touched |= gone
+        for part_key, (identities, actions) in parts.items():
+            previous = old.get(part_key)
+            if previous is not None and previous[1] == actions:
+                if previous[0] is identities:
+                    continue
+                new = identities - previous[0]
+            else:
+                new = identities
+            for identity in new:
+                contributors.setdefault(identity, {})[part_key] = actions
+            touched |= new
 
-    def _contribute(self, policy_id: str, signature: tuple, policy: CompiledPolicy,
-                    view: _LazyView) -> set[tuple]:
-        flows = _FlowSet(self.cookie)
-        conj_keys = []
-        for direction, index, rule in _rules(policy):
-            for conjunctive in _rule_conjunctions(view, policy, direction, index, rule):
-                dimensions = _dimensions(conjunctive)
-                if dimensions:
-                    conj_keys.append(conjunctive.key)
-                    _add_conjunctive(flows, conjunctive, dimensions, self.ids)
-        contributed = {identity: tuple(actions) for identity, actions in flows._actions.items()}
-        self._policies[policy_id] = (signature, contributed, conj_keys)
-        for identity, actions in contributed.items():
-            self._contributors.setdefault(identity, {})[policy_id] = actions
-        return set(contributed)
-
-    def _withdraw(self, policy_id: str) -> set[tuple]:
-        _, contributed, _ = self._policies.pop(policy_id)
-        for identity in contributed:
-            held = self._contributors[identity]
-            del held[policy_id]
-            if not held:
-                del self._contributors[identity]
-        return set(contributed)
-
-    def _merged(self, identity: tuple) -> Optional[Flow]:
+    def _merged(self, identity: Identity) -> Optional[Flow]:
         held = self._contributors.get(identity)
         if not held:
             return None
         table, priority, match = identity
-        parts = [held[policy_id] for policy_id in sorted(held)]
+        parts = list(held.values())
         if _is_clause(parts[0]):
             merged: dict[Action, None] = {}
             for actions in parts:
@@ -880,28 +1149,3 @@ class IncrementalPipeline:
         flow = Flow(table, priority, match, actions, self.cookie)
         self.tables[table].check(flow)
         return flow
-
-    def _fixed_flows(self, state: NodeStateLike, view: _LazyView,
-                     policies: list[CompiledPolicy]) -> dict[tuple, Flow]:
-        """Everything that is not a rule: static stages, DNS intercept, isolation, misses."""
-        flows = _FlowSet(self.cookie)
-        _static_flows(flows, self.zone, self.dns_intercept)
-        if self.dns_intercept:
-            for address in _local_addresses(state.index.pods):
-                match = _address_match(address, "src")
-                match.update(ip_proto=IP_PROTO["UDP"], udp_dst=DNS_PORT)
-                flows.add(DNS_INTERCEPT, PRIORITY_STATIC, match, (Output(CONTROLLER),))
-        for direction, table in ((EGRESS, EGRESS_DEFAULT), (INGRESS, INGRESS_DEFAULT)):
-            side = "src" if direction == EGRESS else "dst"
-            addresses = {address for policy in policies if direction in policy.types
-                         for address, _ in view.local_members[policy.applied_to]}
-            for address in sorted((_host(a) for a in addresses),
-                                  key=lambda n: (n.version, n)):
-                flows.add(table, PRIORITY_ISOLATED, _address_match(address, side), ())
-        for table in self.tables.values():
-            if table.id == DNS_INTERCEPT and not self.dns_intercept:
-                continue
-            flows.add(table.id, PRIORITY_MISS, {}, table.miss)
-        built = flows.flows()
-        check_flows(built, self.tables)
-        return {flow.identity: flow for flow in built}

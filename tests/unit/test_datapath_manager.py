@@ -144,6 +144,20 @@ class DatapathManagerTests(unittest.TestCase):
         self.assertEqual(len(added), 1)  # one peer address: one flow
         self.assertEqual(set(installed) - set(self.switch.flows), set())
 
+    def test_changed_flows_are_added_over_their_old_selves(self):
+        self.manager.update(state(1))
+        self.successResultOf(self.manager.connected(self.switch))
+        sent = []
+        apply = self.switch.apply
+        self.switch.apply = lambda message: (sent.append(message.command), apply(message))
+        # A new port: a new conjunction id, so the local pod's clause flow changes.
+        self.successResultOf(self.manager.update(state(2, port=81)))
+        self.assertNotIn(MODIFY_STRICT, sent)
+        self.assertIn(DELETE_STRICT, sent)  # the old port and conj_id flows
+        wanted = {flow.identity: flow for flow in self.manager.pipeline.flows.values()}
+        self.assertEqual(self.manager.installed, wanted)
+        self.assertEqual(len(self.switch.flows), len(wanted))
+
     def test_rejected_change_applies_nothing_and_is_reported(self):
         self.manager.update(state(1))
         self.successResultOf(self.manager.connected(self.switch))

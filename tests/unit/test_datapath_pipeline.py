@@ -58,6 +58,7 @@ from contiv.policy.types import (
     Group,
     LocalPod,
     Member,
+    NamedPort,
     NodeIndex,
     PortRule,
     Rule,
@@ -637,3 +638,96 @@ def test_incremental_pipeline_equals_a_full_rebuild(name, split):
     e2e.SCENARIOS[name](script)
     script._compare()
     assert script.compared > 0
+
+
+# -- the incremental pipeline's caches, step by step against a full rebuild ------------------
+
+def _steps(*states) -> IncrementalPipeline:
+    """Each state in turn through one IncrementalPipeline, each compared with a full rebuild."""
+    incremental = IncrementalPipeline()
+    for state in states:
+        before = dict(incremental.flows)
+        changed = incremental.update(state)
+        full = {f.identity: f for f in pipeline_flows(state, conjunction_ids=incremental.ids)}
+        assert incremental.flows == full
+        assert {i for i in before.keys() | full.keys() if before.get(i) != full.get(i)} <= changed
+    return incremental
+
+
+def _http(port: int) -> tuple:
+    return (NamedPort("http", "TCP", port),)
+
+
+def _group(name: str, members) -> Group:
+    return Group(f"g.{name}", tuple(Member(ip, pod, ports) for ip, pod, ports in members))
+
+
+def _policy(name: str, applied_to: str, *rules, types=(INGRESS,)) -> CompiledPolicy:
+    return CompiledPolicy("x", name, applied_to, types, tuple(rules))
+
+
+def _cluster(peers, targets=(("10.0.0.1", "x/t1", _http(80)),), local=("x/t1",),
+             policies=None):
+    """Three policies over one shared peer group, the third with a named port."""
+    shared = _group("shared", peers)
+    mine = _group("mine", targets)
+    other = _group("other", [(v4(500), "y/o1", ())])
+    policies = policies if policies is not None else [
+        _policy("a", "g.mine", Rule(INGRESS, ("g.shared",), (), False, (PortRule("TCP", 80),))),
+        _policy("b", "g.mine", Rule(INGRESS, ("g.shared", "g.other"), (), False, ()),
+                Rule(INGRESS, ("g.other",), (), False, (PortRule("UDP", 53),))),
+        _policy("c", "g.mine", Rule(INGRESS, ("g.shared",), (), False,
+                                    (PortRule("TCP", name="http"),))),
+        _policy("d", "g.mine", Rule(EGRESS, ("g.shared",), ("192.168.0.0/16",), False,
+                                    (PortRule("TCP", name="http"),)), types=(EGRESS,)),
+    ]
+    pods = [LocalPod(pod, (ip,), ports) for ip, pod, ports in targets if pod in local]
+    return state_by_hand(policies, [shared, mine, other], pods)
+
+
+PEERS = [(v4(100 + i), f"y/p{i}", _http(8080)) for i in range(5)]
+
+
+def test_incremental_group_used_by_several_policies_changes():
+    incremental = _steps(_cluster(PEERS), _cluster(PEERS + [(v4(200), "y/new", _http(81))]),
+                         _cluster(PEERS[1:]), _cluster([]), _cluster(PEERS))
+    assert incremental.flows
+
+
+def test_incremental_policy_changes_one_rule():
+    base = _cluster(PEERS)
+    policies = list(base.policies.values())
+    changed = [p if p.name != "b" else _policy(
+        "b", "g.mine", p.rules[0], Rule(INGRESS, ("g.other",), (), False, (PortRule("UDP", 54),)))
+        for p in policies]
+    _steps(base, _cluster(PEERS, policies=changed), base)
+
+
+def test_incremental_local_pod_added_and_removed():
+    targets = (("10.0.0.1", "x/t1", _http(80)), ("10.0.0.2", "x/t2", _http(8080)))
+    _steps(_cluster(PEERS, targets, local=("x/t1",)),
+           _cluster(PEERS, targets, local=("x/t1", "x/t2")),
+           _cluster(PEERS, targets, local=("x/t2",)),
+           _cluster(PEERS, targets, local=()),
+           _cluster(PEERS, targets, local=("x/t1",)))
+
+
+def test_incremental_named_port_resolves_differently():
+    moved = [(ip, pod, _http(9090) if pod == "y/p0" else ports) for ip, pod, ports in PEERS]
+    targets = (("10.0.0.1", "x/t1", _http(8081)),)
+    _steps(_cluster(PEERS), _cluster(moved), _cluster(moved, targets), _cluster(PEERS))
+
+
+def test_incremental_policies_come_and_go():
+    full = _cluster(PEERS)
+    few = _cluster(PEERS, policies=[p for p in full.policies.values() if p.name in "ac"])
+    _steps(few, full, few, _cluster(PEERS, policies=[full.policies[min(full.policies)]]), full)
+
+
+def test_incremental_conjunction_ids_follow_the_conjunctions():
+    incremental = _steps(_cluster(PEERS))
+    held = set(incremental.ids._by_key)
+    _steps(_cluster(PEERS))  # a second pipeline of its own
+    assert held == {key for key in incremental.ids._by_key}
+    incremental.update(_cluster(PEERS, policies=[]))
+    assert incremental.ids._by_key == {}

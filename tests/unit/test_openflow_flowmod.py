@@ -2,6 +2,7 @@
 
 import ipaddress
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from contiv.datapath.flows import (CONTROLLER, CT_EST, CT_INV, CT_TRK, NORMAL, Conjunction,
@@ -112,3 +113,13 @@ def test_cidr_match():
     assert cidr_match("10.0.0.7/32") == "10.0.0.7"
     assert cidr_match("10.0.0.7/24") == ("10.0.0.0", "255.255.255.0")
     assert cidr_match("fd00::/16") == ("fd00::", "ffff::")
+
+
+@pytest.mark.parametrize("command", [ADD, MODIFY_STRICT, DELETE_STRICT])
+def test_many_conjunctions_encode_from_a_template(command):
+    # A clause flow shared by many rules: its actions are located in one go.
+    many = flow(50, 100, tuple(Conjunction(1000 + i, 1 + i % 3, 3) for i in range(60)),
+                cookie=5, eth_type=0x0800, ipv4_dst="10.1.2.3")
+    encoder = FlowEncoder()
+    assert encoder.encode(many, command, 7) == encode(to_message(many, command), 7)
+    assert all(template is not None for template in encoder._templates.values())
