@@ -117,6 +117,14 @@ def parse_host_port(value: Any, default_port: Optional[int] = None) -> tuple[str
     return host, port
 
 
+def _ttl(value: Any) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 86400:
+        raise ValueError(f"expected whole seconds from 0 to 86400, got {value!r}")
+    return value
+
+
 def _listen_address(value: Any) -> tuple[str, int]:
     return parse_host_port(value)
 
@@ -214,6 +222,11 @@ KEYS: tuple[Key, ...] = (
         metavar="ADDR"),
     Key("dns.domain", "dns-domain", _string, "the cluster DNS domain", "cluster.local",
         metavar="DOMAIN"),
+    Key("dns.ttl", "dns-ttl", _ttl, "TTL of the answers from the name table, and of "
+        "NXDOMAIN (the SOA minimum), in seconds", 30, metavar="SECONDS"),
+    Key("dns.datapath", "dns-datapath", _boolean, "answer local pods' DNS queries to any "
+        "resolver from the name table in the datapath (needs openflow.connect)", False,
+        flag=True),
     Key("http.listen", "http", _endpoint_checker("server"), "Twisted server endpoint for "
         "/healthz, /readyz and /metrics, e.g. tcp:9100:interface=127.0.0.1", metavar="EP"),
     Key("manhole.listen", "manhole", _endpoint_checker("server"), "Twisted server endpoint "

@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from contiv.dns.names import NameIndex
 from contiv.k8s.events import DELETED, Event, EventStream, Synced
 from contiv.metrics import REGISTRY
 from contiv.policy.engine import PolicyEngine
@@ -52,6 +53,7 @@ class NetmasterService(Service):
         self.store = store
         self.clock = clock
         self.engine = PolicyEngine()
+        self.names = NameIndex()
         self.publisher = Publisher(store, prefix=prefix, clock=clock,
                                    grace_period=grace_period)
         self.publish_delay = publish_delay
@@ -124,6 +126,7 @@ class NetmasterService(Service):
         self.events_seen += 1
         EVENTS.labels(event.kind).inc()
         self.engine.apply(event)
+        self.names.apply(event)
         keys = self._objects.setdefault(event.kind, set())
         if event.type == DELETED:
             keys.discard(event.key)
@@ -132,7 +135,7 @@ class NetmasterService(Service):
         if self._unpublished == 0:
             self._unpublished_since = self.clock.seconds()
         self._unpublished += 1
-        INVALID.set(len(self.engine.errors))
+        INVALID.set(len(self.engine.errors) + len(self.names.errors))
         if self.synced:
             self._schedule()
 
@@ -183,6 +186,7 @@ class NetmasterService(Service):
         self._unpublished = 0
         self._unpublished_since = None
         changes = self.engine.take_changes()
+        changed_names = self.names.take_changes()
         full = self._need_full or not await self.publisher.epoch_intact()
         engine = self.engine
         if full:
@@ -201,13 +205,20 @@ class NetmasterService(Service):
             # Other nodes see new group versions through the group map.
             nodes = sorted(changes.index_nodes)
         removed = () if full else changes.removed_groups
-        if not full and not (policies or groups or nodes or removed) and \
+        entries = self.names.entries
+        if full:
+            names, removed_names = list(entries.values()), []
+        else:
+            names = [entries[k] for k in changed_names if k in entries]
+            removed_names = [k for k in changed_names if k not in entries]
+        if not full and not (policies or groups or nodes or removed or changed_names) and \
                 self.published_generation is not None:
             return
         try:
             generation = await self.publisher.publish(
                 policies=policies, groups=groups, removed_groups=removed,
-                nodes=[engine.node_index(node) for node in nodes], full=full)
+                nodes=[engine.node_index(node) for node in nodes],
+                names=names, removed_names=removed_names, full=full)
         except Exception:
             self._unpublished += unpublished
             raise
@@ -288,7 +299,7 @@ class NetmasterService(Service):
             state, detail = "published", "everything seen is published"
         else:
             state, detail = "publishing", "changes are being compiled and published"
-        errors = dict(sorted(self.engine.errors.items())[:20])
+        errors = dict(sorted({**self.engine.errors, **self.names.errors}.items())[:20])
         return {
             "role": "netmaster",
             "state": state,
@@ -299,7 +310,8 @@ class NetmasterService(Service):
             "events": self.events_seen,
             "policies": len(self.engine.policies),
             "groups": len(self.engine.groups),
-            "invalid_objects": len(self.engine.errors),
+            "names": len(self.names.entries),
+            "invalid_objects": len(self.engine.errors) + len(self.names.errors),
             "errors": errors,
             "source": self.source.status(),
         }

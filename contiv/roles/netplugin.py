@@ -9,14 +9,15 @@ openflow.connect) it can read the store but enforces nothing, and says so.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from contiv.store.layout import Reader
+from contiv.dns.names import NameTable
+from contiv.store.layout import NameReader, Reader
 
 
 class NetpluginService(MultiService):
@@ -25,12 +26,20 @@ class NetpluginService(MultiService):
 
     def __init__(self, node: str, store: Any, *, clock: Any, prefix: str = "contiv/",
                  datapath: Any = None, openflow_client: Any = None,
-                 poll_interval: float = 0.1):
+                 poll_interval: float = 0.1, dns_domain: str = "cluster.local",
+                 on_names: Optional[Callable[[NameTable], None]] = None):
+        """
+        C{on_names}: called with every new complete DNS name table (the DNS
+        server's); without it the name table is not read at all.
+        """
         super().__init__()
         self.node = node
         self.store = store
         self.clock = clock
         self.reader = Reader(store, node, prefix=prefix)
+        self.on_names = on_names
+        self.names_reader = (NameReader(store, prefix=prefix, domain=dns_domain)
+                             if on_names is not None else None)
         self.datapath = datapath
         self.openflow_client = openflow_client
         if openflow_client is not None:
@@ -64,13 +73,24 @@ class NetpluginService(MultiService):
         state = await self.reader.poll()
         if state is not None and self.datapath is not None:
             self.datapath.update(state)
+        if self.names_reader is not None:
+            table = await self.names_reader.poll()
+            if table is not None:
+                self.on_names(table)  # type: ignore[misc]
+
+    @property
+    def names_in_sync(self) -> bool:
+        """True when the DNS server (if any) answers from the newest name table."""
+        names = self.names_reader
+        return names is None or (names.complete and names.problem is None)
 
     @property
     def in_sync(self) -> bool:
         read = self.reader.state
         return (self.datapath is not None and read is not None
                 and self.reader.problem is None
-                and self.datapath.applied_generation == read.generation)
+                and self.datapath.applied_generation == read.generation
+                and self.names_in_sync)
 
     def status(self) -> dict[str, Any]:
         read = self.reader.state
@@ -98,6 +118,11 @@ class NetpluginService(MultiService):
             "detail": detail,
             "store_problem": self.reader.problem,
         }
+        if self.names_reader is not None:
+            names = self.names_reader
+            status["dns_names"] = {"generation": names.table.generation,
+                                   "names": len(names.table), "in_sync": self.names_in_sync,
+                                   "problem": names.problem}
         if self.datapath is not None:
             status["datapath"] = self.datapath.status()
         return status

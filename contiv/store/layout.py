@@ -15,6 +15,10 @@ Every key is C{prefix + name}:
     (the id or key carries the content hash), so a reader never sees a torn entry
   - C{groupmap}: C{{"generation": g, "buckets": [hash, ...]}}, rewritten in place
     by every publish: the commit point of a generation
+  - C{names}: C{{"generation": g, "buckets": [hash, ...]}}, the DNS name
+    table's root, rewritten in place when a name changes
+  - C{names/<hash>}: one bucket of the name table, immutable, C{{"<kind>/<ns>/<name>":
+    NameEntry, ...}} for the names that hash to it
   - C{groupmap/<hash>}: one bucket, immutable, C{{"groups": {group id: group key},
     "nodes": {node: g}}} for the group ids and node names that hash
     (CRC-32 modulo the number of buckets) to it: which version of each group
@@ -54,6 +58,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from twisted.logger import Logger
 
+from contiv.dns.names import NameEntry, NameTable
 from contiv.policy.types import CompiledPolicy, Group, NodeIndex, canonical_json
 from contiv.store import StoreError, StoreUnavailable, check_key
 
@@ -63,6 +68,7 @@ DEFAULT_ITEM_SIZE = 1_000_000
 GEN = "gen"
 EPOCH = "epoch"
 GROUP_MAP = "groupmap"
+NAMES = "names"
 # Enough that a bucket stays a few kilobytes with tens of thousands of groups,
 # few enough that the root a reader fetches per generation stays small.
 DEFAULT_BUCKETS = 128
@@ -85,6 +91,10 @@ def node_name(node: str) -> str:
 
 def bucket_name(digest_hex: str) -> str:
     return GROUP_MAP + "/" + digest_hex
+
+
+def names_bucket_name(digest_hex: str) -> str:
+    return NAMES + "/" + digest_hex
 
 
 def bucket_of(name: str, buckets: int) -> int:
@@ -131,6 +141,13 @@ def _chunk_header(doc: Any) -> Optional[_ChunkHeader]:
             or not isinstance(sha, str) or len(sha) != 64):
         raise ValueError(f"chunk header has bad count, size or sha256: {body!r}")
     return _ChunkHeader(count, sha, size)
+
+
+def _root_hashes(root: Any) -> list[str]:
+    """The bucket hashes a root names (none, if it is not a root)."""
+    if not isinstance(root, dict) or not isinstance(root.get("buckets"), list):
+        return []
+    return [h for h in root["buckets"] if isinstance(h, str) and _PLAIN_KEY.fullmatch(h)]
 
 
 def _parse_generation(raw: bytes) -> int:
@@ -187,6 +204,11 @@ class Publisher:
         self._bucket_groups: list[dict[str, str]] = [{} for _ in range(buckets)]
         self._bucket_nodes: list[dict[str, int]] = [{} for _ in range(buckets)]
         self._bucket_names: list[Optional[str]] = [None] * buckets
+        self._names_root_key = check_key(prefix + NAMES)
+        # The name table as the store holds it: per bucket, entry key -> its
+        # canonical JSON; and each bucket's entry name.
+        self._name_buckets: list[dict[str, bytes]] = [{} for _ in range(buckets)]
+        self._name_bucket_names: list[Optional[str]] = [None] * buckets
         # nodes an earlier publisher's map named (see adopt)
         self.adopted_nodes: set[str] = set()
 
@@ -196,8 +218,9 @@ class Publisher:
     def written(self) -> list[str]:
         """The entry names (without prefix) this publisher believes are in the store."""
         nodes = {node_name(node) for bucket in self._bucket_nodes for node in bucket}
-        root = {GROUP_MAP} if self._bucket_names[0] is not None else set()
-        return sorted(self._written | nodes | root)
+        roots = ({GROUP_MAP} if self._bucket_names[0] is not None else set()) | \
+            ({NAMES} if self._name_bucket_names[0] is not None else set())
+        return sorted(self._written | nodes | roots)
 
     def group_map(self) -> dict[str, str]:
         """Group id -> the key of its current version, as published."""
@@ -208,7 +231,12 @@ class Publisher:
         return {n: g for bucket in self._bucket_nodes for n, g in bucket.items()}
 
     def live_buckets(self) -> list[str]:
-        return [name for name in self._bucket_names if name is not None]
+        return [name for name in self._bucket_names + self._name_bucket_names
+                if name is not None]
+
+    def name_keys(self) -> set[str]:
+        """The keys of every published name (C{<kind>/<ns>/<name>})."""
+        return {key for bucket in self._name_buckets for key in bucket}
 
     async def epoch_intact(self) -> bool:
         """
@@ -223,6 +251,7 @@ class Publisher:
 
     async def publish(self, *, policies: Iterable[CompiledPolicy], groups: Iterable[Group],
                       nodes: Iterable[NodeIndex], removed_groups: Iterable[str] = (),
+                      names: Iterable[NameEntry] = (), removed_names: Iterable[str] = (),
                       full: bool = False) -> int:
         """
         Write the given policies and groups not written before, the group
@@ -234,13 +263,17 @@ class Publisher:
         groups are the whole map and every given entry is written, whatever
         is believed written. A node index with neither policies nor pods
         leaves the map (its reader is complete with an empty share) and its
-        key is deleted. A refused write raises L{StoreError} and bumps
-        nothing, so readers stay on the previous generation.
+        key is deleted. C{names} are new or changed DNS names, C{removed_names}
+        the keys of names gone (C{full}: C{names} are all of them). A refused
+        write raises L{StoreError} and bumps nothing, so readers stay on the
+        previous generation.
         """
         groups = list(groups)
         nodes = list(nodes)
         if full:
             self._written.clear()
+            self._name_buckets = [{} for _ in range(self.bucket_count)]
+            self._name_bucket_names = [None] * self.bucket_count
             self._bucket_groups = [{} for _ in range(self.bucket_count)]
             self._bucket_nodes = [{} for _ in range(self.bucket_count)]
             self._bucket_names = [None] * self.bucket_count
@@ -321,6 +354,30 @@ class Publisher:
         root = canonical_json({"generation": target, "buckets": [
             name[len(GROUP_MAP) + 1:] for name in bucket_names]})  # type: ignore[index]
 
+        name_buckets = list(self._name_buckets)
+        names_changed = {n for n, name in enumerate(self._name_bucket_names) if name is None}
+        for entry, gone in [*((e, False) for e in names), *((k, True) for k in removed_names)]:
+            key = entry if gone else entry.key  # type: ignore[union-attr]
+            number = bucket_of(key, self.bucket_count)
+            if name_buckets[number] is self._name_buckets[number]:  # copy before a change
+                name_buckets[number] = dict(name_buckets[number])
+            names_changed.add(number)
+            if gone:
+                name_buckets[number].pop(key, None)
+            else:
+                name_buckets[number][key] = canonical_json(entry.to_json())  # type: ignore
+        name_bucket_names = list(self._name_bucket_names)
+        for number in sorted(names_changed):
+            bucket = name_buckets[number]
+            # The entries are JSON already: join them rather than decode and re-encode.
+            data = b"{" + b",".join(canonical_json(k) + b":" + bucket[k]
+                                    for k in sorted(bucket)) + b"}"
+            name_bucket_names[number] = names_bucket_name(
+                hashlib.sha256(data).hexdigest()[:20])
+            add_entry(name_bucket_names[number], data)
+        names_root = canonical_json({"generation": target, "buckets": [
+            name[len(NAMES) + 1:] for name in name_bucket_names]})  # type: ignore[index]
+
         if entries:
             await self.store.set_many(entries)
         self._written.update(occupies)
@@ -333,9 +390,13 @@ class Publisher:
         # The commit point: a reader that has this root finds the indexes it dates.
         # Never chunked (its size is bounded by the bucket count), so that a
         # reader gets the whole root or the previous one.
-        await self.store.set_many({self._root_key: root})
+        roots = {self._root_key: root}
+        if names_changed:
+            roots[self._names_root_key] = names_root
+        await self.store.set_many(roots)
         self._bucket_groups, self._bucket_nodes = bucket_groups, bucket_nodes
         self._bucket_names = bucket_names
+        self._name_buckets, self._name_bucket_names = name_buckets, name_bucket_names
 
         if full:
             epoch = secrets.token_hex(16)
@@ -365,16 +426,15 @@ class Publisher:
         were adopted. Entries that only older roots named are out of reach
         (memcached cannot list keys) and stay until evicted.
         """
-        docs, _ = await fetch_documents(self.store, [self._root_key])
-        root = docs.get(self._root_key)
-        if not isinstance(root, dict):
+        docs, _ = await fetch_documents(self.store, [self._root_key, self._names_root_key])
+        names = {names_bucket_name(h) for h in _root_hashes(docs.get(self._names_root_key))}
+        names.update(bucket_name(h) for h in _root_hashes(docs.get(self._root_key)))
+        if not names:
             return 0
-        names = {bucket_name(h) for h in root.get("buckets", ())
-                 if isinstance(h, str) and _PLAIN_KEY.fullmatch(h)}
         buckets, _ = await fetch_documents(self.store, [self.key(n) for n in sorted(names)])
         nodes: set[str] = set()
-        for doc in buckets.values():
-            if isinstance(doc, dict):
+        for key, doc in buckets.items():
+            if isinstance(doc, dict) and key.startswith(self.key(GROUP_MAP + "/")):
                 names.update(group_name(k) for k in dict(doc.get("groups", {})).values())
                 nodes.update(dict(doc.get("nodes", {})))
         indexes, _ = await fetch_documents(
@@ -819,5 +879,107 @@ class Reader:
             self.log.warn("store reader for {node} keeps generation {kept}: {problem}",
                           node=self.node, problem=problem,
                           kept=self.state.generation if self.state else None)
+        self.problem = problem
+        return None
+
+
+class NameReader:
+    """
+    netplugin's side of the DNS name table. L{poll} returns a new
+    L{NameTable} when the table's root moved and every bucket it names could
+    be read, else None; L{table} stays the last complete one (an empty table
+    until the first), and L{problem} says why the newest could not be had.
+    """
+
+    log = Logger()
+
+    def __init__(self, store: Any, *, prefix: str = DEFAULT_PREFIX,
+                 domain: str = "cluster.local") -> None:
+        self.store = store
+        self.prefix = prefix
+        self.domain = domain
+        self._gen_key = check_key(prefix + GEN)
+        self._root_key = check_key(prefix + NAMES)
+        self.table = NameTable(domain)
+        self.complete = False  # whether a whole table has been read yet
+        self.problem: Optional[str] = None
+        self._seen: Optional[int] = None
+        self._hashes: Optional[list[str]] = None  # the root the table was built from
+        self._buckets: dict[str, dict[str, NameEntry]] = {}  # bucket hash -> entries
+
+    async def poll(self) -> Optional[NameTable]:
+        try:
+            return await self._poll()
+        except StoreUnavailable as e:
+            return self._fail(f"store unavailable: {e}")
+        except StoreError as e:
+            return self._fail(f"store error: {e}")
+        except Exception as e:
+            self.log.failure("reading the DNS name table")
+            return self._fail(f"unexpected error reading the name table: {e!r}")
+
+    async def _poll(self) -> Optional[NameTable]:
+        found = await self.store.get_many([self._gen_key])
+        raw = found.get(self._gen_key)
+        if raw is None:
+            return self._fail(f"{self._gen_key} missing: nothing published yet, or the "
+                              f"store lost its data")
+        try:
+            generation = _parse_generation(raw)
+        except ValueError as e:
+            return self._fail(f"{self._gen_key} malformed: {e}")
+        if generation == self._seen and self.problem is None:
+            return None
+        docs, problems = await fetch_documents(self.store, [self._root_key])
+        if problems:
+            return self._fail(problems[self._root_key])
+        hashes = _root_hashes(docs[self._root_key])
+        if not hashes:
+            return self._fail(f"{self._root_key} malformed: no bucket hashes")
+        if hashes == self._hashes:
+            self._done(generation)
+            return None
+        wanted = {self.prefix + names_bucket_name(h): h for h in sorted(set(hashes))
+                  if h not in self._buckets}
+        if wanted:
+            docs, problems = await fetch_documents(self.store, list(wanted))
+            for key, doc in docs.items():
+                try:
+                    if not isinstance(doc, dict):
+                        raise ValueError("not an object")
+                    entries = {}
+                    for entry_key_, value in doc.items():
+                        entry = NameEntry.from_json(value)
+                        if entry.key != entry_key_:
+                            raise ValueError(f"{entry_key_} holds {entry.key}")
+                        entries[entry_key_] = entry
+                    self._buckets[wanted[key]] = entries
+                except Exception as e:
+                    problems[key] = f"{key} malformed: {e!r}"
+            if problems:
+                listed = sorted(problems.values())
+                more = f" (and {len(listed) - 1} more)" if len(listed) > 1 else ""
+                return self._fail(listed[0] + more)
+        entries: dict[str, NameEntry] = {}
+        for h in hashes:
+            entries.update(self._buckets[h])
+        self._buckets = {h: self._buckets[h] for h in set(hashes)}
+        self._hashes = hashes
+        self.table = NameTable(self.domain, entries, generation)
+        self.complete = True
+        self._done(generation)
+        return self.table
+
+    def _done(self, generation: int) -> None:
+        if self.problem is not None:
+            self.log.info("DNS name table complete again at generation {generation}",
+                          generation=generation)
+        self.problem, self._seen = None, generation
+        self.complete = True
+
+    def _fail(self, problem: str) -> None:
+        if problem != self.problem:
+            self.log.warn("DNS name table keeps generation {kept}: {problem}",
+                          problem=problem, kept=self.table.generation)
         self.problem = problem
         return None

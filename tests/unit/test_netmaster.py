@@ -223,3 +223,33 @@ class NetmasterTests(unittest.TestCase):
         self.assertEqual(len(policies), 1)
         self.assertIn(policies[0], old_policies)
         self.assertEqual(len(self.read().policies), 1)
+
+    def test_dns_names_follow_services_and_pods(self):
+        from contiv.store.layout import NameReader
+
+        service = Event(ADDED, "Service", "default/web", {
+            "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}})
+        self.feed(namespace("default"), pod("web-1", "10.0.0.1", app="web"), service,
+                  Synced())
+        self.settle()
+        names = NameReader(self.store)
+        table = self.successResultOf(names.poll())
+        self.assertEqual(table.resolve("web.default.svc.cluster.local").entry.addresses,
+                         ("10.96.0.10",))
+        self.assertEqual(table.resolve("web-1.default.pod.cluster.local").entry.addresses,
+                         ("10.0.0.1",))
+        self.assertEqual(self.netmaster.status()["names"], 2)
+        # A broken Service is reported by name and field; its last version stays.
+        broken = Event(MODIFIED, "Service", "default/web", {
+            "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.300"}})
+        self.feed(broken, pod("web-1", "10.0.0.1", type=DELETED))
+        self.settle()
+        status = self.netmaster.status()
+        self.assertEqual(status["invalid_objects"], 1)
+        self.assertIn("spec.clusterIP", status["errors"]["Service default/web"])
+        table = self.successResultOf(names.poll())
+        self.assertEqual(table.resolve("web.default.svc.cluster.local").entry.addresses,
+                         ("10.96.0.10",))
+        self.assertEqual(table.resolve("web-1.default.pod.cluster.local").outcome, "nxdomain")

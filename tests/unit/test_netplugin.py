@@ -90,3 +90,32 @@ class NetpluginTests(unittest.TestCase):
         self.assertEqual(datapath.states[-1].index, NodeIndex("node-2", (), (), ()))
         self.assertEqual(datapath.states[-1].generation, generation)
         self.successResultOf(netplugin.stopService())
+
+    def test_the_dns_name_table_is_handed_on_and_counts_for_readiness(self):
+        from contiv.dns.names import SVC, NameEntry
+
+        tables = []
+        datapath = FakeDatapath()
+        netplugin = NetpluginService("node-1", self.store, clock=self.clock, datapath=datapath,
+                                     on_names=tables.append)
+        netplugin.startService()
+        index = NodeIndex("node-1", (), (), (LocalPod("default/a", ("10.0.0.1",)),))
+        web = NameEntry(SVC, "default", "web", ("10.96.0.10",))
+        self.successResultOf(Deferred.fromCoroutine(self.publisher.publish(
+            policies=[], groups=[], nodes=[index], names=[web], full=True)))
+        self.clock.advance(0.1)
+        self.assertEqual([len(t) for t in tables], [1])
+        self.assertTrue(netplugin.in_sync)
+        self.assertEqual(netplugin.status()["dns_names"]["names"], 1)
+        # A new bucket of the name table is lost: the old table stays, readiness says so.
+        db = NameEntry(SVC, "default", "db", ("10.96.0.11",))
+        self.successResultOf(Deferred.fromCoroutine(self.publisher.publish(
+            policies=[], groups=[], nodes=[], names=[db])))
+        held = netplugin.names_reader._buckets
+        self.store.delete_many([k for k in self.store.keys()
+                                if "/names/" in k and k.rsplit("/", 1)[1] not in held])
+        self.clock.advance(0.1)
+        self.assertFalse(netplugin.in_sync)
+        self.assertIn("missing", netplugin.status()["dns_names"]["problem"])
+        self.assertEqual(len(tables), 1)
+        self.successResultOf(netplugin.stopService())

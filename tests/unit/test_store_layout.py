@@ -15,7 +15,9 @@ from contiv.policy.types import (INGRESS, CompiledPolicy, Group, LocalPod, Membe
                                  canonical_json,
                                  PortRule, Rule)
 from contiv.store import InvalidKey, StoreError, StoreUnavailable
-from contiv.store.layout import DEFAULT_BUCKETS, NodeState, Publisher, Reader, bucket_of
+from contiv.dns.names import NXDOMAIN, POD, SVC, NameEntry
+from contiv.store.layout import (DEFAULT_BUCKETS, NameReader, NodeState, Publisher, Reader,
+                                 bucket_of)
 from contiv.store.memory import MemoryStore
 
 
@@ -397,7 +399,8 @@ class OrderingTests(LayoutTestCase):
         kinds = [("entries" if any("/group/" in k or "/policy/" in k for k in a) else
                   "indexes" if any("/node/" in k for k in a) else a)
                  for n, a in writes if n == "set_many"]
-        self.assertEqual(kinds, ["entries", "indexes", ["contiv/groupmap"], ["contiv/epoch"]])
+        self.assertEqual(kinds, ["entries", "indexes", ["contiv/groupmap", "contiv/names"],
+                                 ["contiv/epoch"]])
 
     def test_reader_between_writes_and_gen_sees_the_previous_state(self) -> None:
         self.publish(full=True)
@@ -579,7 +582,8 @@ class GarbageTests(LayoutTestCase):
                          sorted(f"contiv/group/{g.key}" for g in used))
         # The earlier buckets went too: only the successor's map is left.
         buckets = {k for k in left if k.startswith("contiv/groupmap/")}
-        self.assertEqual(buckets, {f"contiv/{name}" for name in successor.live_buckets()})
+        self.assertEqual(buckets, {f"contiv/{name}" for name in successor.live_buckets()
+                                   if name.startswith("groupmap/")})
         state = self.poll(Reader(self.store, "n1"))
         self.assertEqual(list(state.policies), [keep.id])
 
@@ -822,6 +826,82 @@ class GroupMapTests(LayoutTestCase):
         failure = self.failureResultOf(Deferred.fromCoroutine(self.publisher.publish(
             policies=[], groups=[], nodes=[stale])), ValueError)
         self.assertIn("not the published version of g.0000000000000000", str(failure.value))
+
+
+class NameTableTests(LayoutTestCase):
+    """The DNS name table: a bucketed root, read whole by every node."""
+
+    def entries(self, count: int, address: str = "10.0.0.1") -> list:
+        return [NameEntry(SVC, "default", f"svc-{i}", (address,)) for i in range(count)]
+
+    def test_names_round_trip_and_only_changed_buckets_are_written_and_read(self) -> None:
+        names = self.entries(300)
+        self.publish(full=True, names=names)
+        reader = NameReader(self.store)
+        table = self.poll(reader)
+        self.assertEqual(dict(table.entries), {e.key: e for e in names})
+        self.assertEqual(table.generation, 1)
+        self.assertEqual(table.resolve("svc-7.default.svc.cluster.local").entry, names[7])
+
+        changed = NameEntry(SVC, "default", "svc-7", ("10.0.0.99",))
+        del self.store.calls[:]
+        self.publish(nodes=[], names=[changed], removed_names=[names[8].key])
+        written = [k for n, a in self.store.writes() if n == "set_many" for k in a]
+        name_buckets = [k for k in written if k.startswith("contiv/names/")]
+        self.assertLessEqual(len(name_buckets), 2)
+        self.assertIn("contiv/names", written)
+        del self.store.calls[:]
+        table = self.poll(reader)
+        self.assertEqual(self.store.gets()[1:], [["contiv/names"], sorted(name_buckets)])
+        self.assertEqual(table.resolve("svc-7.default.svc.cluster.local").entry, changed)
+        self.assertEqual(table.resolve("svc-8.default.svc.cluster.local").outcome, NXDOMAIN)
+        self.assertEqual(len(table), 299)
+        # A publish without name changes leaves the names root alone: nothing new to read.
+        del self.store.calls[:]
+        self.publish(nodes=[])
+        self.assertNotIn("contiv/names", [k for n, a in self.store.writes()
+                                          if n == "set_many" for k in a])
+        self.assertIsNone(self.poll(reader))
+        self.assertIsNone(reader.problem)
+
+    def test_a_lost_bucket_keeps_the_last_table_and_says_which(self) -> None:
+        self.publish(full=True, names=self.entries(3))
+        reader = NameReader(self.store)
+        first = self.poll(reader)
+        self.publish(nodes=[], names=[NameEntry(POD, "default", "a", ("10.0.0.2",))])
+        lost = [k for k in self.memory.keys() if k.startswith("contiv/names/")
+                and k.rsplit("/", 1)[1] not in reader._buckets]
+        self.successResultOf(self.memory.delete_many(lost))
+        self.assertIsNone(self.poll(reader))
+        self.assertIs(reader.table, first)
+        self.assertIn("missing", reader.problem)
+        self.assertEqual(sorted(self.run_(self.publisher.verify(self.publisher.written()))),
+                         sorted(k[len("contiv/"):] for k in lost))
+        self.publish(full=True, names=[*self.entries(3),
+                                       NameEntry(POD, "default", "a", ("10.0.0.2",))])
+        self.assertEqual(len(self.poll(reader)), 4)
+        self.assertIsNone(reader.problem)
+
+    def test_a_malformed_bucket_is_reported_not_used(self) -> None:
+        self.publish(full=True, names=self.entries(1))
+        root = json.loads(self.successResultOf(
+            self.memory.get_many(["contiv/names"]))["contiv/names"])
+        bucket = root["buckets"][bucket_of("svc/default/svc-0", len(root["buckets"]))]
+        self.successResultOf(self.memory.set_many(
+            {f"contiv/names/{bucket}": b'{"svc/default/svc-0": ["svc", "default"]}'}))
+        reader = NameReader(self.store)
+        self.assertIsNone(self.poll(reader))
+        self.assertFalse(reader.complete)
+        self.assertIn(f"contiv/names/{bucket} malformed", reader.problem)
+
+    def test_before_any_publish_the_table_is_not_complete(self) -> None:
+        reader = NameReader(self.store)
+        self.assertIsNone(self.poll(reader))
+        self.assertFalse(reader.complete)
+        self.assertIn("contiv/gen missing", reader.problem)
+        self.publish(full=True)
+        self.assertEqual(len(self.poll(reader)), 0)
+        self.assertTrue(reader.complete)
 
 
 class KeyTests(unittest.SynchronousTestCase):
