@@ -9,7 +9,7 @@ same identity are the same flow, and a change of actions or cookie is a modify.
 Match fields use os-ken's OXM names (``eth_type``, ``in_port``, ``ip_proto``,
 ``ipv4_src``, ``ipv4_dst``, ``ipv6_src``, ``ipv6_dst``, ``tcp_dst``,
 ``udp_dst``, ``sctp_dst``, ``icmpv6_type``, ``ct_state``, ``conj_id``,
-``arp_op``...). A value is an int or an address string, or a ``(value, mask)``
+``arp_op``, ``reg0``...). A value is an int or an address string, or a ``(value, mask)``
 tuple for a masked match (``ct_state`` is always a pair).
 """
 
@@ -22,6 +22,8 @@ from typing import Any, Optional, Union
 NORMAL = "NORMAL"
 CONTROLLER = "CONTROLLER"
 IN_PORT = "IN_PORT"
+# Output max_len: send the whole packet to the controller, with no buffer id.
+OFPCML_NO_BUFFER = 0xFFFF
 
 # ct_state bits (OpenFlow/Nicira CT state flags).
 CT_NEW = 0x01
@@ -40,7 +42,7 @@ class Goto:
 @dataclass(frozen=True)
 class Output:
     port: Union[int, str]  # an OpenFlow port number, NORMAL, CONTROLLER or IN_PORT
-    max_len: int = 0xFFFF
+    max_len: int = OFPCML_NO_BUFFER
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,18 @@ class Ct:
     table: Optional[int] = None
 
 
-Action = Union[Goto, Output, Conjunction, Ct]
+@dataclass(frozen=True)
+class Meter:
+    """
+    Pass the packet through an OpenFlow meter first (an instruction on the
+    wire, which runs before the actions); a packet its band drops goes no
+    further. Must come first among a flow's actions.
+    """
+
+    id: int
+
+
+Action = Union[Goto, Output, Conjunction, Ct, Meter]
 
 
 @dataclass(frozen=True)

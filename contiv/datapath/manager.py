@@ -14,6 +14,13 @@ a new round is taken from OVSDB and the whole pipeline is installed with it
 (an add replaces an old-round flow of the same identity in place), and only
 once that is confirmed are the flows of older rounds deleted, by cookie. The
 bridge is never flushed and flows without contiv's mark are never touched.
+
+With DNS interception on, every (re)connection also asks OVS for packet-ins
+(SET_ASYNC: a management-socket connection gets none otherwise) and installs
+the meter that bounds them before any flow refers to it; if OVS refuses
+meters, the pipeline goes without and C{dns_metered} is False, which tells
+the interceptor to limit in software. C{packet_out} is how the interceptor
+answers and re-injects.
 """
 
 from __future__ import annotations
@@ -27,10 +34,13 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from contiv.datapath.flows import Flow
-from contiv.datapath.pipeline import ConjunctionIds, IncrementalPipeline
+from contiv.datapath.pipeline import DNS_METER_ID, ConjunctionIds, IncrementalPipeline
 from contiv.metrics import REGISTRY
 from contiv.openflow.flowmod import ADD, DELETE_STRICT, MODIFY_STRICT, FlowEncoder, \
     delete_by_cookie
+from contiv.openflow.ofp import ofproto
+from contiv.openflow.packetio import meter_mod
+from contiv.openflow.protocol import NotConnected, PipelineError
 
 MARK = 0x00C0_7100
 MARK_MASK = 0xFFFF_FFFF
@@ -112,11 +122,17 @@ class DatapathManager:
     log = Logger()
 
     def __init__(self, clock: Any, settings: Any, *, zone: int = 1,
-                 dns_intercept: bool = False):
+                 dns_intercept: bool = False, dns_rate: int = 2000, dns_burst: int = 200):
         self.clock = clock
         self.settings = settings
         self.zone = zone
         self.dns_intercept = dns_intercept
+        # DNS packet-ins per second the bridge lets through to us (per node:
+        # one meter for every pod), and the burst above that rate it allows.
+        self.dns_rate = dns_rate
+        self.dns_burst = dns_burst
+        self.dns_meter: Optional[int] = None  # the meter in the pipeline, when OVS took it
+        self.dns_meter_error: Optional[str] = None
         self.encoder = FlowEncoder()
         self.conjunction_ids = ConjunctionIds()
         self.pipeline = IncrementalPipeline(zone=zone, dns_intercept=dns_intercept,
@@ -201,10 +217,10 @@ class DatapathManager:
         rounds = {round_of(stats.cookie) for stats in ours}
         await self.settings.secure()
         self.round = await self.settings.next_round(max(rounds, default=0) or 0)
+        if self.dns_intercept:
+            await self._prepare_dns(protocol)
         # A new round is a new cookie on every flow: start the pipeline afresh.
-        self.pipeline = IncrementalPipeline(zone=self.zone, dns_intercept=self.dns_intercept,
-                                            cookie=cookie_for(self.round),
-                                            conjunction_ids=self.conjunction_ids)
+        self.pipeline = self._fresh_pipeline(cookie_for(self.round))
         self._wanted(state)
         wanted = dict(self.pipeline.flows)
         await self._bundle(protocol, [(ADD, flow) for flow in wanted.values()])
@@ -227,10 +243,7 @@ class DatapathManager:
         except Exception:
             # A half-applied update leaves the pipeline's merged flows behind
             # its contributions: start it afresh and compare everything next time.
-            self.pipeline = IncrementalPipeline(zone=self.zone,
-                                                dns_intercept=self.dns_intercept,
-                                                cookie=cookie_for(self.round or 0),
-                                                conjunction_ids=self.conjunction_ids)
+            self.pipeline = self._fresh_pipeline(cookie_for(self.round or 0))
             self._resync = True
             raise
         wanted = self.pipeline.flows
@@ -293,9 +306,67 @@ class DatapathManager:
             if sent[command]:
                 CHANGES.labels(name).inc(sent[command])
 
+    def _fresh_pipeline(self, cookie: int) -> IncrementalPipeline:
+        return IncrementalPipeline(zone=self.zone, dns_intercept=self.dns_intercept,
+                                   cookie=cookie, conjunction_ids=self.conjunction_ids,
+                                   dns_meter=self.dns_meter)
+
+    # -- DNS interception
+
+    async def _prepare_dns(self, protocol: Any) -> None:
+        """
+        Packet-ins on, and the meter in place (added, or changed if a previous
+        run left one) before the pipeline that refers to it is installed.
+        """
+        await protocol.set_async(packet_in_mask=1 << ofproto.OFPR_ACTION)
+        self.dns_meter, self.dns_meter_error = DNS_METER_ID, None
+        for command in (ofproto.OFPMC_ADD, ofproto.OFPMC_MODIFY):
+            xid = protocol.send(meter_mod(DNS_METER_ID, self.dns_rate, self.dns_burst,
+                                          command=command))
+            try:
+                await protocol.barrier(since=xid)
+                break
+            except PipelineError as e:
+                if command == ofproto.OFPMC_ADD and e.code_name == "OFPMMFC_METER_EXISTS":
+                    continue
+                self.dns_meter, self.dns_meter_error = None, str(e)
+                self.log.warn("OVS refused the DNS meter ({error}): DNS packet-ins are "
+                              "limited in software instead", error=e)
+                break
+
+    @property
+    def dns_metered(self) -> bool:
+        """Whether the bridge itself bounds DNS packet-ins (else the interceptor must)."""
+        return self.dns_meter is not None
+
+    def packet_out(self, message: Any) -> bool:
+        """
+        Send a packet-out (see L{contiv.openflow.packetio}) without waiting;
+        False when there is no connection to send it on. Its error, if OVS
+        has one, is logged and counted, never blamed on a change.
+        """
+        protocol = self.protocol
+        if protocol is None:
+            return False
+        try:
+            protocol.send_quiet(message)
+        except NotConnected:
+            return False
+        return True
+
     # -- reporting
 
     def status(self) -> dict[str, Any]:
-        return {"round": self.round, "flows": len(self.installed),
-                "connected": self.protocol is not None,
-                "applied_generation": self.applied_generation, "error": self.last_error}
+        status = {"round": self.round, "flows": len(self.installed),
+                  "connected": self.protocol is not None,
+                  "applied_generation": self.applied_generation, "error": self.last_error}
+        if self.dns_intercept:
+            if self.dns_meter is not None:
+                limit = f"ovs meter {self.dns_meter}"
+            elif self.dns_meter_error is not None:
+                limit = f"software (OVS refused the meter: {self.dns_meter_error})"
+            else:
+                limit = "not yet connected"
+            status["dns_intercept"] = {"rate": self.dns_rate, "burst": self.dns_burst,
+                                       "limited_by": limit}
+        return status

@@ -10,8 +10,17 @@ should hold; the datapath diffs that list against what is installed.
 
 A packet's walk, for a new connection:
 
-  classifier -> conntrack state -> [DNS intercept] -> egress rules
+  classifier -> conntrack state -> egress rules
     -> (egress default) -> ingress rules -> (ingress default) -> commit
+
+With DNS interception on, the conntrack-state table first steers UDP/53 from
+a local pod, whatever its conntrack state (but not invalid), to the DNS
+intercept table, which meters it and sends it to the controller: a second
+query on a 5-tuple that an earlier miss committed is established, and would
+otherwise go straight to normal forwarding. A miss comes back from the
+controller as a packet-out through table 0 with C{DNS_SEEN} set in C{reg0},
+which the steering flow does not match: it goes through conntrack and policy
+as if never intercepted. See docs/architecture.md, "DNS interception".
 
 Every rule becomes one conjunctive match over its dimensions (local pods,
 peers, ports), so a rule over N pods, M peers and P ports costs N + M + P + 1
@@ -36,11 +45,13 @@ from contiv.datapath.flows import (
     CT_REL,
     CT_TRK,
     NORMAL,
+    OFPCML_NO_BUFFER,
     Action,
     Conjunction,
     Ct,
     Flow,
     Goto,
+    Meter,
     Output,
 )
 from contiv.policy.types import (
@@ -65,10 +76,21 @@ IPPROTO_ICMPV6 = 58
 ND_TYPES = (133, 134, 135, 136)  # router solicit/advert, neighbour solicit/advert
 DNS_PORT = 53
 
+# The register bit a re-injected DNS miss carries (set by the packet-out, so
+# never by a flow): "the DNS code has seen this packet, do not intercept it".
+# Registers start at zero for every packet from a port and survive ct()
+# recirculation, so only a re-injected packet has it.
+DNS_SEEN_FIELD = "reg0"
+DNS_SEEN = 0x1
+# The OpenFlow meter that bounds the packet-ins DNS interception may cause.
+DNS_METER_ID = 1
+
 # Priorities. Single-dimension allows sit above the conjunctions so that a
 # plain flow never shares an identity with a conjunction clause (a flow with
 # conjunction actions can have no other action).
 PRIORITY_STATIC_HIGH = 300
+# Between the invalid drop and the established fast path (see the module doc).
+PRIORITY_DNS_STEER = 250
 PRIORITY_STATIC = 200
 PRIORITY_IP = 100
 PRIORITY_ALLOW = 200
@@ -132,10 +154,14 @@ def _tables(zone: int) -> dict[int, Table]:
         Table("classifier", CLASSIFIER,
               _L3 | {"in_port", "ip_proto", "icmpv6_type", "arp_op"},
               frozenset({CONNTRACK}), (Output(NORMAL),)),
-        Table("conntrack-state", CONNTRACK, frozenset({"ct_state"}),
+        # The DNS steering flows match a local pod's UDP/53 and the seen bit.
+        Table("conntrack-state", CONNTRACK,
+              _L3 | {"ct_state", "ip_proto", "udp_dst", "ipv4_src", "ipv6_src",
+                     DNS_SEEN_FIELD},
               frozenset({DNS_INTERCEPT, EGRESS_RULES}), ()),
-        Table("dns-intercept", DNS_INTERCEPT,
-              _L3 | {"ip_proto", "udp_dst", "ipv4_src", "ipv6_src"},
+        # Only steered packets get here, all of them DNS queries; the miss
+        # (unreachable) carries on as the conntrack table would have.
+        Table("dns-intercept", DNS_INTERCEPT, _L3 | {"ip_proto", "udp_dst"},
               frozenset({EGRESS_RULES}), (Goto(EGRESS_RULES),)),
         Table("egress-rules", EGRESS_RULES, _L3 | _ADDRESSES | _L4 | {"conj_id"},
               frozenset({INGRESS_RULES, EGRESS_DEFAULT}), (Goto(EGRESS_DEFAULT),)),
@@ -595,7 +621,8 @@ def _rules(policy: CompiledPolicy):
                 index += 1
 
 
-def _static_flows(flows: _FlowSet, zone: int, dns_intercept: bool) -> None:
+def _static_flows(flows: _FlowSet, zone: int, dns_intercept: bool,
+                  dns_meter: Optional[int]) -> None:
     flows.add(CLASSIFIER, PRIORITY_STATIC, {"eth_type": ETH_ARP}, (Output(NORMAL),))
     for nd_type in ND_TYPES:
         flows.add(CLASSIFIER, PRIORITY_STATIC,
@@ -615,7 +642,33 @@ def _static_flows(flows: _FlowSet, zone: int, dns_intercept: bool) -> None:
     flows.add(CONNTRACK, PRIORITY_STATIC - 10,
               {"ct_state": (CT_TRK | CT_REL, CT_TRK | CT_REL)}, (Output(NORMAL),))
     flows.add(CONNTRACK, PRIORITY_IP, {"ct_state": (CT_TRK | CT_NEW, CT_TRK | CT_NEW)},
-              (Goto(DNS_INTERCEPT if dns_intercept else EGRESS_RULES),))
+              (Goto(EGRESS_RULES),))
+    if dns_intercept:
+        # The whole packet, not a buffer id: the controller re-injects a miss
+        # itself, and OVS's packet buffers are few.
+        to_controller = (Output(CONTROLLER, max_len=OFPCML_NO_BUFFER),)
+        if dns_meter is not None:
+            to_controller = (Meter(dns_meter),) + to_controller
+        for eth_type in (ETH_IPV4, ETH_IPV6):
+            flows.add(DNS_INTERCEPT, PRIORITY_STATIC,
+                      {"eth_type": eth_type, "ip_proto": IP_PROTO["UDP"], "udp_dst": DNS_PORT},
+                      to_controller)
+
+
+def _dns_steering(pods: Iterable[LocalPod]) -> list[dict[str, Any]]:
+    """
+    The conntrack-state matches that send a local pod's DNS queries to the
+    intercept table: tracked and not invalid (new, established or related
+    alike), and not already seen by the DNS code.
+    """
+    matches = []
+    for address in _local_addresses(pods):
+        match = _address_match(address, "src")
+        match.update(ct_state=(CT_TRK, CT_TRK | CT_INV), ip_proto=IP_PROTO["UDP"],
+                     udp_dst=DNS_PORT)
+        match[DNS_SEEN_FIELD] = (0, DNS_SEEN)
+        matches.append(match)
+    return matches
 
 
 def _local_addresses(pods: Iterable[LocalPod]) -> list[Network]:
@@ -654,18 +707,16 @@ class RuleFlowCount:
 
 
 def _build(state: NodeStateLike, zone: int, dns_intercept: bool, cookie: int,
-           conjunction_ids: Optional[ConjunctionIds]):
+           conjunction_ids: Optional[ConjunctionIds], dns_meter: Optional[int] = None):
     ids = conjunction_ids if conjunction_ids is not None else ConjunctionIds()
     view = _NodeView.of(state)
     flows = _FlowSet(cookie)
     tables = _tables(zone)
-    _static_flows(flows, zone, dns_intercept)
+    _static_flows(flows, zone, dns_intercept, dns_meter)
 
     if dns_intercept:
-        for address in _local_addresses(state.index.pods):
-            match = _address_match(address, "src")
-            match.update(ip_proto=IP_PROTO["UDP"], udp_dst=DNS_PORT)
-            flows.add(DNS_INTERCEPT, PRIORITY_STATIC, match, (Output(CONTROLLER),))
+        for match in _dns_steering(state.index.pods):
+            flows.add(CONNTRACK, PRIORITY_DNS_STEER, match, (Goto(DNS_INTERCEPT),))
 
     counts = []
     keys = []
@@ -701,14 +752,16 @@ def _build(state: NodeStateLike, zone: int, dns_intercept: bool, cookie: int,
 
 
 def pipeline_flows(state: NodeStateLike, *, zone: int = 1, dns_intercept: bool = False,
-                   cookie: int = 0, conjunction_ids: Optional[ConjunctionIds] = None
-                   ) -> list[Flow]:
+                   cookie: int = 0, conjunction_ids: Optional[ConjunctionIds] = None,
+                   dns_meter: Optional[int] = None) -> list[Flow]:
     """
     Every flow of the pipeline for one node's state, sorted by table, then
     priority (highest first). Pass the same C{conjunction_ids} from one
     generation to the next so that unchanged rules keep their conjunction ids.
+    C{dns_meter}: the meter that bounds DNS packet-ins (None: no meter; the
+    controller then limits in software).
     """
-    return _build(state, zone, dns_intercept, cookie, conjunction_ids)[0]
+    return _build(state, zone, dns_intercept, cookie, conjunction_ids, dns_meter)[0]
 
 
 def flow_count_report(state: NodeStateLike) -> list[RuleFlowCount]:
@@ -909,20 +962,17 @@ def _isolation_parts(policy: CompiledPolicy, local_members: Addressed) -> dict[t
 
 
 def _dns_parts(pods: tuple[LocalPod, ...]) -> dict[tuple, Part]:
-    """Every local pod's DNS queries go to the controller."""
-    identities = frozenset(
-        (DNS_INTERCEPT, PRIORITY_STATIC,
-         tuple(sorted({**_address_match(address, "src"), "ip_proto": IP_PROTO["UDP"],
-                       "udp_dst": DNS_PORT}.items())))
-        for address in _local_addresses(pods))
-    return {("dns",): (identities, (Output(CONTROLLER),))} if identities else {}
+    """Every local pod's DNS queries are steered to the intercept table."""
+    identities = frozenset((CONNTRACK, PRIORITY_DNS_STEER, tuple(sorted(match.items())))
+                           for match in _dns_steering(pods))
+    return {("dns",): (identities, (Goto(DNS_INTERCEPT),))} if identities else {}
 
 
-def _fixed_parts(zone: int, dns_intercept: bool, tables: Mapping[int, Table]
-                 ) -> dict[tuple, Part]:
+def _fixed_parts(zone: int, dns_intercept: bool, dns_meter: Optional[int],
+                 tables: Mapping[int, Table]) -> dict[tuple, Part]:
     """The static stages and every table's miss: one part per flow, never changing."""
     flows = _FlowSet(0)
-    _static_flows(flows, zone, dns_intercept)
+    _static_flows(flows, zone, dns_intercept, dns_meter)
     for table in tables.values():
         if table.id == DNS_INTERCEPT and not dns_intercept:
             continue
@@ -949,9 +999,11 @@ class IncrementalPipeline:
     """
 
     def __init__(self, *, zone: int = 1, dns_intercept: bool = False, cookie: int = 0,
-                 conjunction_ids: Optional[ConjunctionIds] = None):
+                 conjunction_ids: Optional[ConjunctionIds] = None,
+                 dns_meter: Optional[int] = None):
         self.zone = zone
         self.dns_intercept = dns_intercept
+        self.dns_meter = dns_meter
         self.cookie = cookie
         self.ids = conjunction_ids if conjunction_ids is not None else ConjunctionIds()
         self.tables = _tables(zone)
@@ -1011,7 +1063,8 @@ class IncrementalPipeline:
         released: list[tuple] = []
         if not self._started:
             self._set(("fixed",), None, _fixed_parts(self.zone, self.dns_intercept,
-                                                     self.tables), touched, released)
+                                                     self.dns_meter, self.tables),
+                      touched, released)
         if self.dns_intercept:
             self._refresh(("dns",), state.index.pods, lambda: _dns_parts(state.index.pods),
                           touched, released)

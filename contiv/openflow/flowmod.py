@@ -19,7 +19,7 @@ import struct
 from typing import Any, Callable, Iterable, Optional
 
 from contiv.datapath.flows import (CONTROLLER, IN_PORT, NORMAL, Conjunction, Ct, Flow, Goto,
-                                   Output)
+                                   Meter, Output)
 from contiv.openflow.ofp import DATAPATH, encode, ofproto, parser
 
 ADD = ofproto.OFPFC_ADD
@@ -97,6 +97,9 @@ def _action_leaves(flow: Flow) -> tuple[tuple, list[Leaf]]:
         elif isinstance(action, Goto):
             shape.append("goto")
             leaves.append(("!B", action.table))
+        elif isinstance(action, Meter):
+            shape.append("meter")
+            leaves.append(("!I", action.id))
         else:
             raise TypeError(f"unknown action {action!r}")
     return tuple(shape), leaves
@@ -144,6 +147,7 @@ def to_message(flow: Flow, command: int = ADD, *, leaves: Optional[list[Leaf]] =
     match = parser.OFPMatch(**fields)
     actions: list[Any] = []
     goto: Optional[int] = None
+    meter: Optional[int] = None
     for kind in action_shape:
         if kind == "conjunction":
             clause, n_clauses, conj_id = (v for _, v in values[position:position + 3])
@@ -168,8 +172,15 @@ def to_message(flow: Flow, command: int = ADD, *, leaves: Optional[list[Leaf]] =
         elif kind == "goto":
             goto = values[position][1]
             position += 1
+        elif kind == "meter":
+            meter = values[position][1]
+            position += 1
     instructions: list[Any] = []
     if command not in (DELETE, DELETE_STRICT):
+        if meter is not None:
+            # First on the wire as in execution (OpenFlow 1.3 5.9): a template
+            # finds the meter id's bytes in action order when Meter comes first.
+            instructions.append(parser.OFPInstructionMeter(meter, ofproto.OFPIT_METER))
         if actions:
             instructions.append(parser.OFPInstructionActions(ofproto.OFPIT_APPLY_ACTIONS,
                                                              actions))

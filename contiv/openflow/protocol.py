@@ -37,6 +37,7 @@ BUNDLE_ATOMIC = ofproto.ONF_BF_ATOMIC
 BUNDLE_ORDERED = ofproto.ONF_BF_ORDERED
 
 _XID_MASK = 0xFFFFFFFF
+_MAX_QUIET = 65536
 _HELLO_ELEM = struct.Struct("!HH")
 _ERROR_BODY = struct.Struct("!HH")
 # experimenter id, exp_type, bundle_id, pad, flags: the ONF bundle-add header
@@ -195,6 +196,7 @@ class OpenFlowProtocol(Protocol):
         self.connected = False
         self.peer = "?"
         self.errors_dropped = 0
+        self.quiet_errors = 0
         self._buffer = bytearray()
         self._xid = 0
         self._pending: dict[int, _Pending] = {}
@@ -202,6 +204,8 @@ class OpenFlowProtocol(Protocol):
         # xid order: the switch handles a connection's messages in order).
         self._errors: deque[OpenFlowError] = deque(maxlen=max_recorded_errors)
         self._bundles: dict[int, _Bundle] = {}
+        # xids of send_quiet() messages whose error may still come, oldest first.
+        self._quiet: dict[int, None] = {}
         self._bundle_id = 0
         self._last_received = 0.0
         self._echo_sent: Optional[float] = None
@@ -348,6 +352,10 @@ class OpenFlowProtocol(Protocol):
         entry = self._pending.pop(msg.xid, None)
         if entry is not None:
             entry.deferred.errback(Failure(error))
+        elif self._quiet.pop(msg.xid, 0) is None:
+            self.quiet_errors += 1
+            self.log.debug("OpenFlow error from {peer} for a quiet message: {error}",
+                           peer=self.peer, error=error)
         elif not self._ready and msg.type == ofproto.OFPET_HELLO_FAILED:
             self._fail_handshake(error)
         else:
@@ -556,6 +564,21 @@ class OpenFlowProtocol(Protocol):
         self._check_connected()
         xid = self.next_xid()
         self._write(encode(msg, xid))
+        return xid
+
+    def send_quiet(self, msg: Message) -> int:
+        """
+        Write one message whose error, if any, is counted (C{quiet_errors})
+        and logged but never reported by a barrier: packet-outs, sent while
+        bundles are open, must not fail an unrelated change.
+        """
+        xid = self.send(msg)
+        quiet = self._quiet
+        quiet[xid] = None
+        # Bounded: the switch answers in order and fast, so an xid this old
+        # has had its error, if it was to have one (then it is recorded).
+        if len(quiet) > _MAX_QUIET:
+            del quiet[next(iter(quiet))]
         return xid
 
     def send_many(self, msgs: Iterable[Message]) -> Optional[int]:

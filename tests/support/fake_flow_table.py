@@ -20,7 +20,9 @@ classifier_lookup__) rather than a simplification of it:
     what happens to the packet.
 
 C{ct(table=N)} recirculates a copy into table N with the caller's ct_state
-(new unless said otherwise) plus +trk; C{ct(commit)} is recorded. A flow
+(new unless said otherwise) plus +trk; C{ct(commit)} is recorded. Registers
+(C{reg0}) start at zero unless the packet says otherwise (a packet-out that
+set one) and survive recirculation; a meter passes every packet. A flow
 without actions, or a table miss without a miss flow, drops.
 
 Flows that OVS would refuse are refused when the table is built (L{Refused}):
@@ -43,6 +45,7 @@ from contiv.datapath.flows import (
     Ct,
     Flow,
     Goto,
+    Meter,
     Output,
 )
 
@@ -121,6 +124,7 @@ FIELDS: Mapping[str, _Field] = {
                                                       and m.get("ip_proto") == 58)),
     "ct_state": _Field("int", 32, True),
     "conj_id": _Field("int", 32, False),
+    "reg0": _Field("int", 32, True),
 }
 
 
@@ -174,6 +178,12 @@ def _check_actions(candidate: Flow) -> None:
                 raise Refused(f"ct zone out of range: {candidate}")
             if action.table is not None and not 0 <= action.table <= 254:
                 raise Refused(f"ct table out of range: {candidate}")
+        elif isinstance(action, Meter):
+            if position != 0:
+                raise Refused(f"a meter runs before the actions, so it comes first: "
+                              f"{candidate}")
+            if not 1 <= action.id <= 0xFFFF0000:
+                raise Refused(f"meter id out of range: {candidate}")
         elif not isinstance(action, (Output, Conjunction)):
             raise Refused(f"unknown action {action!r}: {candidate}")
 
@@ -346,6 +356,7 @@ class FakeFlowTable:
             fields[name] = _parse_address(value)[1] if name in _ADDRESS_FIELDS else value
         fields["ct_state"] = 0  # untracked until ct()
         fields["conj_id"] = 0
+        fields.setdefault("reg0", 0)  # registers start at zero unless a packet-out set them
         result = {"outputs": [], "committed": False, "path": []}
         self._run(fields, 0, ct_state | CT_TRK, result, 0)
         return Outcome(tuple(result["outputs"]), result["committed"], tuple(result["path"]))

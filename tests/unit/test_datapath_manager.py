@@ -14,7 +14,9 @@ from twisted.trial import unittest
 
 from contiv.datapath.manager import MARK, ChangeRejected, DatapathManager, cookie_for, round_of
 from contiv.openflow.flowmod import ADD, DELETE, DELETE_STRICT, MODIFY_STRICT
-from contiv.openflow.ofp import decode
+from contiv.datapath.pipeline import DNS_INTERCEPT, DNS_METER_ID
+from contiv.openflow.ofp import decode, ofproto, parser
+from contiv.openflow.packetio import reply_out
 from contiv.openflow.protocol import OpenFlowError, PipelineError
 from contiv.policy.types import (INGRESS, CompiledPolicy, Group, GroupSelector, LabelSelector,
                                  LocalPod, Member, NodeIndex, PortRule, Rule)
@@ -239,3 +241,99 @@ class BrokenPipelineTests(unittest.TestCase):
         ports = {dict(k[2]).get("tcp_dst") for k in switch.flows} - {None}
         self.assertEqual(ports, {dict(k[2]).get("tcp_dst") for k in other.flows} - {None})
         self.assertEqual(len(switch.flows), len(other.flows))
+
+
+class DnsSwitch(FakeSwitch):
+    """A FakeSwitch that also takes SET_ASYNC, meters and packet-outs."""
+
+    def __init__(self, meters=None, refuse_meters=False):
+        super().__init__()
+        self.meters = {} if meters is None else meters
+        self.refuse_meters = refuse_meters
+        self.async_masks = None
+        self.packet_outs = []
+        self._errors = []
+
+    def set_async(self, packet_in_mask):
+        self.async_masks = packet_in_mask
+        return succeed(None)
+
+    def send(self, message):
+        xid = self.next_xid()
+        if isinstance(message, parser.OFPMeterMod):
+            if self.refuse_meters:
+                self._errors.append(OpenFlowError(12, 11, "OFPET_METER_MOD_FAILED",
+                                                  "OFPMMFC_OUT_OF_METERS", xid=xid))
+            elif message.command == ofproto.OFPMC_ADD and message.meter_id in self.meters:
+                self._errors.append(OpenFlowError(12, 1, "OFPET_METER_MOD_FAILED",
+                                                  "OFPMMFC_METER_EXISTS", xid=xid))
+            else:
+                self.meters[message.meter_id] = message
+        return xid
+
+    def barrier(self, since=None):
+        errors, self._errors = self._errors, []
+        if errors:
+            return fail(PipelineError(errors))
+        return succeed(self.next_xid())
+
+    def send_quiet(self, message):
+        self.packet_outs.append(message)
+        return self.next_xid()
+
+
+def instructions_of(switch, table):
+    return [instructions for (t, _, _), (_, instructions) in switch.flows.items() if t == table]
+
+
+class DnsInterceptTests(unittest.TestCase):
+    def test_meter_installed_before_the_flows_that_use_it(self):
+        switch = DnsSwitch()
+        manager = DatapathManager(Clock(), FakeSettings(), dns_intercept=True, dns_rate=500,
+                                  dns_burst=50)
+        manager.update(state(1))
+        self.successResultOf(manager.connected(switch))
+        self.assertEqual(switch.async_masks, 1 << ofproto.OFPR_ACTION)
+        meter = switch.meters[DNS_METER_ID]
+        (band,) = meter.bands
+        self.assertEqual((band.rate, band.burst_size), (500, 50))
+        self.assertTrue(meter.flags & ofproto.OFPMF_PKTPS)
+        metered = [i for i in instructions_of(switch, DNS_INTERCEPT) if len(i) == 2]
+        self.assertEqual(len(metered), 2)  # IPv4 and IPv6
+        self.assertTrue(all(i[0].meter_id == DNS_METER_ID for i in metered))
+        self.assertTrue(manager.dns_metered)
+        self.assertEqual(manager.status()["dns_intercept"]["limited_by"], "ovs meter 1")
+        # netplugin restarted: the meter is there already, and is modified
+        again = DnsSwitch(meters=switch.meters)
+        again.flows = dict(switch.flows)
+        manager.dns_rate = 800
+        self.successResultOf(manager.connected(again))
+        self.assertEqual(again.meters[DNS_METER_ID].bands[0].rate, 800)
+        self.assertEqual(again.meters[DNS_METER_ID].command, ofproto.OFPMC_MODIFY)
+        self.assertIsNone(manager.last_error)
+
+    def test_refused_meters_mean_a_software_limit(self):
+        switch = DnsSwitch(refuse_meters=True)
+        manager = DatapathManager(Clock(), FakeSettings(), dns_intercept=True)
+        manager.update(state(1))
+        self.successResultOf(manager.connected(switch))
+        self.assertEqual(manager.applied_generation, 1)
+        self.assertFalse(manager.dns_metered)
+        self.assertIn("OFPMMFC_OUT_OF_METERS",
+                      manager.status()["dns_intercept"]["limited_by"])
+        self.assertIn("software", manager.status()["dns_intercept"]["limited_by"])
+        to_controller = instructions_of(switch, DNS_INTERCEPT)
+        self.assertTrue(to_controller)
+        self.assertTrue(all(len(i) == 1 and i[0].actions[0].port == ofproto.OFPP_CONTROLLER
+                            for i in to_controller if i and hasattr(i[0], "actions")))
+
+    def test_packet_out_goes_quietly_and_not_without_a_connection(self):
+        manager = DatapathManager(Clock(), FakeSettings(), dns_intercept=True)
+        message = reply_out(b"frame", 3)
+        self.assertFalse(manager.packet_out(message))
+        switch = DnsSwitch()
+        self.successResultOf(manager.connected(switch))
+        self.assertTrue(manager.packet_out(message))
+        self.assertEqual(switch.packet_outs, [message])
+        switch.on_disconnect(None)
+        self.assertFalse(manager.packet_out(message))

@@ -29,6 +29,7 @@ from contiv.datapath.flows import (
     Ct,
     Flow,
     Goto,
+    Meter,
     Output,
     flow,
 )
@@ -37,6 +38,8 @@ from contiv.datapath.pipeline import (
     COMMIT,
     CONNTRACK,
     DNS_INTERCEPT,
+    DNS_METER_ID,
+    DNS_SEEN,
     EGRESS_DEFAULT,
     EGRESS_RULES,
     INGRESS_RULES,
@@ -156,7 +159,8 @@ def test_tables_follow_the_design_order():
 
 @pytest.mark.parametrize("bad, reason", [
     (flow(EGRESS_DEFAULT, 100, (), eth_type=0x0800, ip_proto=6), "may not match ip_proto"),
-    (flow(CONNTRACK, 100, (Output(NORMAL),), eth_type=0x0800), "may not match eth_type"),
+    (flow(CONNTRACK, 100, (Output(NORMAL),), eth_type=0x0800, ipv4_dst="10.0.0.1"),
+     "may not match ipv4_dst"),
     (flow(EGRESS_RULES, 100, (Goto(COMMIT),), conj_id=7), "may not send packets to table 70"),
     (flow(CLASSIFIER, 100, (Ct(1, table=EGRESS_RULES),), eth_type=0x0800),
      "may not send packets to table 30"),
@@ -479,6 +483,65 @@ def test_dns_intercept_sends_local_pods_queries_to_the_controller():
                 if f.table == DNS_INTERCEPT]
 
 
+def test_dns_intercept_catches_queries_in_any_conntrack_state_until_seen():
+    objects = cluster(DENY_ALL)
+    table = bridge(objects, dns_intercept=True, dns_meter=DNS_METER_ID)
+    client, server = pod_ip("x/a"), e2e.EXTERNAL_V4
+    for state in (CT_NEW, CT_EST, CT_REL, CT_EST | CT_RPL):
+        outcome = table.process(FakeFlowTable.packet(client, server, "UDP", 53, ct_state=state))
+        assert outcome.outputs == (CONTROLLER,), state  # a reused 5-tuple too
+        assert outcome.path[-1].actions == (Meter(DNS_METER_ID), Output(CONTROLLER, 0xFFFF))
+        assert not outcome.committed
+    # invalid stays dropped
+    assert table.process(FakeFlowTable.packet(client, server, "UDP", 53,
+                                              ct_state=CT_INV)).dropped
+    # a re-injected miss: policy decides (deny-all egress here), never the controller
+    seen = {**FakeFlowTable.packet(client, server, "UDP", 53), "reg0": DNS_SEEN}
+    assert table.process(seen).dropped
+    allowing = bridge(cluster(), dns_intercept=True)
+    outcome = allowing.process(seen)
+    assert outcome.outputs == (NORMAL,) and outcome.committed
+    established = {**seen, "ct_state": CT_EST}
+    assert allowing.process(established).outputs == (NORMAL,)  # the fast path, as before
+    # other pods' (non-local) established DNS keeps the fast path
+    inbound = FakeFlowTable.packet(e2e.EXTERNAL_V4, pod_ip("y/a"), "UDP", 53, ct_state=CT_EST)
+    assert [f.table for f in allowing.process(inbound).path] == [CLASSIFIER, CONNTRACK]
+
+
+def test_dns_intercept_without_a_meter_still_sends_whole_packets():
+    state = node_state(engine_of([one_node(o) for o in cluster()]), NODE)
+    flows = pipeline_flows(state, dns_intercept=True)
+    to_controller = [f for f in flows if f.table == DNS_INTERCEPT and f.priority > 0]
+    assert {f.actions for f in to_controller} == {(Output(CONTROLLER, 0xFFFF),)}
+    assert len(to_controller) == 2  # IPv4 and IPv6, whatever the pods
+    steering = [f for f in flows if f.table == CONNTRACK and
+                Goto(DNS_INTERCEPT) in f.actions]
+    local = {str(ipaddress.ip_address(ip)) for pod in state.index.pods for ip in pod.ips}
+    assert len(local) >= 6
+    assert {dict(f.match).get("ipv4_src") or dict(f.match).get("ipv6_src")
+            for f in steering} == local
+    check_flows(flows)
+
+
+@pytest.mark.parametrize("dns_meter", [None, DNS_METER_ID])
+def test_incremental_pipeline_with_dns_intercept_equals_a_full_rebuild(dns_meter):
+    targets = (("10.0.0.1", "x/t1", _http(80)), ("fd00::2", "x/t2", _http(8080)))
+    states = [_cluster(PEERS, targets, local=("x/t1",)),
+              _cluster(PEERS, targets, local=("x/t1", "x/t2")),
+              _cluster(PEERS, targets, local=()),
+              _cluster(PEERS, targets, local=("x/t2",))]
+    incremental = IncrementalPipeline(dns_intercept=True, dns_meter=dns_meter)
+    for state in states:
+        before = dict(incremental.flows)
+        changed = incremental.update(state)
+        full = {f.identity: f for f in pipeline_flows(state, conjunction_ids=incremental.ids,
+                                                      dns_intercept=True, dns_meter=dns_meter)}
+        assert incremental.flows == full
+        assert {i for i in before.keys() | full.keys() if before.get(i) != full.get(i)} \
+            <= changed
+        FakeFlowTable(full.values())
+
+
 # -- conjunction ids ---------------------------------------------------------------------------
 
 def _conj_ids(flows) -> set[int]:
@@ -614,16 +677,22 @@ def test_upstream_scenarios_ipv6_only(name):
 class IncrementalScript(PipelineScript):
     """Every step of a scenario: the incremental pipeline equals a full rebuild."""
 
+    dns_intercept = False
+    dns_meter = None
+
     def _compare(self) -> None:
         if self.dirty:
             pipelines = self.__dict__.setdefault("pipelines", {})
             for node in sorted(self.engine.nodes()):
                 state = node_state(self.engine, node)
-                incremental = pipelines.setdefault(node, IncrementalPipeline())
+                incremental = pipelines.setdefault(node, IncrementalPipeline(
+                    dns_intercept=self.dns_intercept, dns_meter=self.dns_meter))
                 before = dict(incremental.flows)
                 changed = incremental.update(state)
                 full = {flow.identity: flow
-                        for flow in pipeline_flows(state, conjunction_ids=incremental.ids)}
+                        for flow in pipeline_flows(state, conjunction_ids=incremental.ids,
+                                                   dns_intercept=self.dns_intercept,
+                                                   dns_meter=self.dns_meter)}
                 assert incremental.flows == full
                 actually = {i for i in before.keys() | full.keys()
                             if before.get(i) != full.get(i)}
@@ -638,6 +707,18 @@ def test_incremental_pipeline_equals_a_full_rebuild(name, split):
     e2e.SCENARIOS[name](script)
     script._compare()
     assert script.compared > 0
+
+
+class DnsIncrementalScript(IncrementalScript):
+    dns_intercept = True
+    dns_meter = DNS_METER_ID
+
+
+@pytest.mark.parametrize("name", list(e2e.SCENARIOS))
+def test_incremental_pipeline_with_dns_intercept_equals_a_full_rebuild_in_scenarios(name):
+    script = DnsIncrementalScript(compiled=True, split=True)
+    e2e.SCENARIOS[name](script)
+    IncrementalScript._compare(script)
 
 
 # -- the incremental pipeline's caches, step by step against a full rebuild ------------------

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from contiv.datapath.flows import (CONTROLLER, CT_EST, CT_INV, CT_TRK, NORMAL, Conjunction,
-                                   Ct, Goto, Output, flow)
+                                   Ct, Goto, Meter, Output, flow)
 from contiv.openflow.flowmod import (ADD, DELETE, DELETE_STRICT, MODIFY_STRICT, FlowEncoder,
                                      cidr_match, delete_by_cookie, to_message)
 from contiv.openflow.ofp import decode, encode, ofproto
@@ -123,3 +123,26 @@ def test_many_conjunctions_encode_from_a_template(command):
     encoder = FlowEncoder()
     assert encoder.encode(many, command, 7) == encode(to_message(many, command), 7)
     assert all(template is not None for template in encoder._templates.values())
+
+
+@pytest.mark.parametrize("command", [ADD, MODIFY_STRICT, DELETE_STRICT])
+def test_meter_and_dns_steering_flows_encode_from_a_template(command):
+    encoder = FlowEncoder()
+    metered = flow(20, 200, (Meter(1), Output(CONTROLLER)), eth_type=0x0800, ip_proto=17,
+                   udp_dst=53)
+    steering = flow(10, 250, (Goto(20),), eth_type=0x86DD, ipv6_src="fd00::5", ip_proto=17,
+                    udp_dst=53, ct_state=(CT_TRK, CT_TRK | CT_INV), reg0=(0, 1))
+    for one in (metered, steering):
+        encoder.encode(one, command, 1)
+        assert encoder.encode(one, command, 7) == encode(to_message(one, command), 7)
+    assert all(template is not None for template in encoder._templates.values())
+    if command == ADD:
+        message = decode(encoder.encode(flow(20, 200, (Meter(9), Output(CONTROLLER)),
+                                             eth_type=0x86DD, ip_proto=17, udp_dst=53),
+                                        command, 2))
+        meter, apply = message.instructions
+        assert meter.meter_id == 9
+        assert apply.actions[0].port == ofproto.OFPP_CONTROLLER
+        assert apply.actions[0].max_len == ofproto.OFPCML_NO_BUFFER
+        steer = decode(encoder.encode(steering, command, 3))
+        assert steer.match["reg0"] == (0, 1)

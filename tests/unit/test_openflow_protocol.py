@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from contiv.openflow.client import OpenFlowClient
 from contiv.openflow.ofp import (DATAPATH, HEADER, decode, encode, error_names, ofproto,
                                  ofproto_common, parser)
+from contiv.openflow.packetio import reply_out
 from contiv.openflow.protocol import (BUNDLE_ATOMIC, BUNDLE_ORDERED, HandshakeTimeout,
                                       NotConnected, OpenFlowError, OpenFlowProtocol,
                                       PipelineError, VersionMismatch)
@@ -398,6 +399,23 @@ class PipelineTests(Harness):
         self.feed(error(before, ofproto.OFPET_BAD_MATCH, ofproto.OFPBMC_BAD_FIELD))
         self.feed(error(after, ofproto.OFPET_BAD_MATCH, ofproto.OFPBMC_BAD_VALUE))
         self.assertEqual([e.xid for e in self.proto.errors_since(before)], [before, after])
+
+
+    def test_quiet_messages_errors_are_counted_not_reported(self) -> None:
+        self.connect()
+        start = self.proto.send(flow_mod(ip="10.0.0.1"))
+        quiet = self.proto.send_quiet(reply_out(b"\0" * 60, 3))
+        loud = self.proto.send(flow_mod(ip="10.0.0.2"))
+        self.sent()
+        self.feed(error(quiet, ofproto.OFPET_BAD_REQUEST, ofproto.OFPBRC_BAD_PORT))
+        self.feed(error(loud, ofproto.OFPET_BAD_MATCH, ofproto.OFPBMC_BAD_FIELD))
+        d = self.proto.barrier(since=start)
+        (barrier,) = self.sent_decoded()
+        self.feed(message(ofproto.OFPT_BARRIER_REPLY, barrier.xid))
+        e = self.failureResultOf(d, PipelineError).value
+        self.assertEqual([x.xid for x in e.errors], [loud])
+        self.assertEqual(self.proto.quiet_errors, 1)
+        self.assertEqual(self.proto._quiet, {})
 
 
 class BundleTests(Harness):
