@@ -125,6 +125,14 @@ def _ttl(value: Any) -> int:
     return value
 
 
+def _cache_entries(value: Any) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 10_000_000:
+        raise ValueError(f"expected a number of entries from 0 (off) to 10000000, got {value!r}")
+    return value
+
+
 def _listen_address(value: Any) -> tuple[str, int]:
     return parse_host_port(value)
 
@@ -224,6 +232,9 @@ KEYS: tuple[Key, ...] = (
         metavar="DOMAIN"),
     Key("dns.ttl", "dns-ttl", _ttl, "TTL of the answers from the name table, and of "
         "NXDOMAIN (the SOA minimum), in seconds", 30, metavar="SECONDS"),
+    Key("dns.forward_cache", "dns-forward-cache", _cache_entries, "how many forwarded "
+        "answers to keep for their TTL (at most 300 s); 0 turns the cache off", 10_000,
+        metavar="ENTRIES"),
     Key("dns.datapath", "dns-datapath", _boolean, "answer local pods' DNS queries to any "
         "resolver from the name table in the datapath (needs openflow.connect)", False,
         flag=True),
@@ -359,11 +370,26 @@ def check_consistency(values: Mapping[str, Any]) -> None:
                           "set source.manifests, source.kubeconfig or source.in_cluster")
     if values.get("source.context") and not values.get("source.kubeconfig"):
         raise ConfigError("source.context", "needs source.kubeconfig")
+    # The DNS keys belong to netplugin; netmaster ignores them, so that both
+    # roles can share one file.
+    if values.get("dns.datapath") and not values.get("openflow.connect") \
+            and values.get("role") != "netmaster":
+        raise ConfigError("dns.datapath", "needs openflow.connect (the bridge whose DNS "
+                          "packets it answers)")
+    if values.get("dns.domain") is not None and not _dns_name(values["dns.domain"]):
+        raise ConfigError("dns.domain", f"{values['dns.domain']!r} is not a DNS name")
     if values.get("manhole.listen"):
         if not values.get("manhole.authorized_keys"):
             raise ConfigError("manhole.authorized_keys", "the manhole needs an "
                               "authorized_keys file: it accepts SSH keys only")
         check_manhole_address(values["manhole.listen"], values.get("manhole.allow_remote"))
+
+
+def _dns_name(text: str) -> bool:
+    labels = text.strip(".").split(".")
+    return bool(text.strip(".")) and all(
+        0 < len(label) <= 63 and all(c.isalnum() or c in "-_" for c in label)
+        for label in labels) and len(text) <= 253
 
 
 def bridge_from_endpoint(description: str) -> str:

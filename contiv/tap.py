@@ -107,7 +107,13 @@ def load_api_config(config: configuration.Config) -> Any:
 def makeService(options: Options) -> "ContivService":
     from twisted.internet import reactor
 
-    return build_service(options.config, reactor, options.api_config)
+    try:
+        return build_service(options.config, reactor, options.api_config)
+    except configuration.ConfigError as e:
+        # Some keys can only be checked against the machine (the resolvers
+        # in /etc/resolv.conf): same one-line error as a bad option.
+        sys.stderr.write(f"contiv: configuration error: {e}\n")
+        raise SystemExit(1)
 
 
 class ContivService(OrderedService):
@@ -178,11 +184,15 @@ def build_service(config: configuration.Config, reactor: Any,
     StoreService(store).setServiceParent(root)
     if "netmaster" in config.roles:
         root.roles["netmaster"] = build_netmaster(config, reactor, store, api_config)
+    dns = None
     if "netplugin" in config.roles:
-        root.roles["netplugin"] = build_netplugin(config, reactor, store)
+        dns = build_dns(config, reactor)
+        root.roles["netplugin"] = build_netplugin(config, reactor, store, dns)
     # Roles first: the listeners report on them and the manhole exposes them.
     for role in root.roles.values():
         role.setServiceParent(root)
+    if dns is not None and dns.server is not None:
+        dns.server.setServiceParent(root)
     if config["http.listen"]:
         build_http(config, reactor, root).setServiceParent(root)
     if config["manhole.listen"]:
@@ -217,7 +227,67 @@ def build_netmaster(config: configuration.Config, reactor: Any, store: Any,
                             clock=reactor, prefix=config["store_prefix"])
 
 
-def build_netplugin(config: configuration.Config, reactor: Any, store: Any) -> Any:
+class DnsParts:
+    """
+    What answers DNS on a node: one L{Answerer} over the newest name table,
+    shared by the server (on dns.listen, if set) and the datapath intercept
+    (if dns.datapath), so both give the same answers and share one hot cache.
+    """
+
+    def __init__(self, answerer: Any, server: Any, datapath: bool):
+        self.answerer = answerer
+        self.server = server
+        self.datapath = datapath
+
+    def set_table(self, table: Any) -> None:
+        self.answerer.set_table(table)
+
+    def namespace_of(self, address: str) -> Optional[str]:
+        return self.answerer.table.namespace_of(address)
+
+    def answer_datapath(self, query: bytes, client_ip: str) -> Optional[bytes]:
+        """
+        The reply to a pod's query caught in the datapath, or None: let it go
+        on to the resolver the pod asked. Only names the table knows are
+        answered here; NXDOMAIN for the cluster domain, errors and anything
+        to forward are that resolver's to give.
+        """
+        from contiv.dns.answer import HIT, NODATA
+
+        # The reply goes back as one frame on a 1500-byte link: at most 1452
+        # bytes of DNS under an IPv6 and a UDP header (less if the client
+        # says so); a longer answer is truncated, and so not ours to give.
+        outcome, data = self.answerer.respond(query, self.namespace_of(client_ip), 1452)
+        return data if outcome in (HIT, NODATA) else None
+
+
+def build_dns(config: configuration.Config, reactor: Any) -> Optional[DnsParts]:
+    if not (config["dns.listen"] or config["dns.datapath"]):
+        return None
+    from contiv.dns.answer import Answerer
+    from contiv.dns.names import NameTable
+
+    answerer = Answerer(NameTable(config["dns.domain"]), ttl=config["dns.ttl"])
+    parts = DnsParts(answerer, None, bool(config["dns.datapath"]))
+    if config["dns.listen"]:
+        from contiv.dns.forward import Forwarder, RESOLV_CONF, system_upstreams
+        from contiv.dns.server import DnsServerService
+
+        upstreams = config["dns.upstreams"] or system_upstreams(
+            RESOLV_CONF, exclude=[config["dns.listen"]])
+        if not upstreams:
+            raise configuration.ConfigError(
+                "dns.upstreams", f"not set, and {RESOLV_CONF} names no nameserver other "
+                "than dns.listen: give the resolvers to forward to")
+        forwarder = Forwarder(upstreams, reactor=reactor,
+                              cache_size=config["dns.forward_cache"])
+        parts.server = DnsServerService(config["dns.listen"], answerer, forwarder,
+                                        parts.namespace_of, reactor=reactor)
+    return parts
+
+
+def build_netplugin(config: configuration.Config, reactor: Any, store: Any,
+                    dns: Optional[DnsParts] = None) -> Any:
     from contiv.roles.netplugin import NetpluginService
 
     datapath = client = None
@@ -227,12 +297,20 @@ def build_netplugin(config: configuration.Config, reactor: Any, store: Any) -> A
         from contiv.openflow.client import OpenFlowClient
 
         settings = BridgeSettings(reactor, bridge_name(config), config["openflow.ovsdb"])
-        datapath = DatapathManager(reactor, settings)
+        intercept = dns is not None and dns.datapath
+        datapath = DatapathManager(reactor, settings, dns_intercept=intercept)
+        on_packet_in = None
+        if intercept:
+            from contiv.dns.datapath import DnsInterceptor
+
+            on_packet_in = DnsInterceptor(dns.answer_datapath, datapath,  # type: ignore
+                                          clock=reactor).packet_in
         client = OpenFlowClient(reactor, config["openflow.connect"],
-                                on_connect=datapath.connected)
+                                on_connect=datapath.connected, on_packet_in=on_packet_in)
     return NetpluginService(config["node"], store, clock=reactor,
                             prefix=config["store_prefix"], datapath=datapath,
-                            openflow_client=client)
+                            openflow_client=client, dns_domain=config["dns.domain"],
+                            on_names=dns.set_table if dns is not None else None)
 
 
 def bridge_name(config: configuration.Config) -> str:

@@ -102,12 +102,13 @@ class Node:
             yaml.safe_dump(obj, f)
         os.rename(path + ".tmp", path)
 
-    def start_daemon(self):
+    def start_daemon(self, *extra):
         self.log = os.path.join(self.workdir, f"contiv-{free_port()}.log")
         self.daemon = start_twistd(
             ["--role=all", "--node=node-1", "--manifests", self.manifests,
              "--openflow", f"unix:{self.ovs.mgmt_socket}", "--ovsdb",
-             f"unix:{self.ovs.db_socket}", "--http", f"tcp:{self.port}:interface=127.0.0.1"],
+             f"unix:{self.ovs.db_socket}", "--http", f"tcp:{self.port}:interface=127.0.0.1",
+             *extra],
             self.workdir, self.log)
         return self.daemon
 
@@ -252,3 +253,34 @@ def test_trace_agrees_with_kubernetes_semantics(node):
                         (src, dst, proto, port, expected)
                     probes += 1
     assert probes == 12 * 9
+
+
+def dig_from(pod, server, name, timeout=2):
+    result = pod.exec(["dig", f"@{server}", "+short", f"+time={timeout}", "+tries=1", name],
+                      check=False, timeout=timeout * 3 + 20)
+    return result.stdout.split() if result.returncode == 0 else None
+
+
+def test_dns_answered_in_the_datapath_by_the_daemon(node):
+    """--dns-datapath: a pod's query to any resolver is answered by the bridge."""
+    node.write("service.yaml", {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                 "selector": {"app": "web"},
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}})
+    node.start_daemon("--dns-datapath")
+    node.ready()
+    p = node.pods
+    # The "resolver" is the db pod, which runs none: only the bridge can answer.
+    assert wait_for(lambda: dig_from(p["client"], ip("db"), "web.default.svc.cluster.local"),
+                    20, "the bridge to answer") == ["10.96.0.10"]
+    assert dig_from(p["client"], ip("db"), "web") == ["10.96.0.10"]  # bare, in default
+    # A miss goes on to that resolver through the policy, which denies it
+    # (default deny ingress on db): no answer, and nothing answered for it.
+    assert dig_from(p["client"], ip("db"), "outside.test", timeout=1) is None
+    code, body = http_get(f"http://127.0.0.1:{node.port}/metrics")
+    assert re.search(r'contiv_dns_datapath_packet_ins_total\{result="hit"\} [1-9]',
+                     body.decode()), body.decode()
+    assert re.search(r'contiv_dns_datapath_packet_ins_total\{result="miss"\} [1-9]',
+                     body.decode()), body.decode()

@@ -12,7 +12,7 @@ import tempfile
 from typing import Any, Callable, Optional
 
 import pytest
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
@@ -20,6 +20,8 @@ from contiv.openflow.client import OpenFlowClient
 from contiv.openflow.ofp import DATAPATH, ofproto, parser
 from contiv.openflow.protocol import OpenFlowError, OpenFlowProtocol, PipelineError
 from tests.support import ovs as ovs_support
+from tests.support import reactor_process as waiting
+from tests.support.reactor_process import sleep
 
 pytestmark = pytest.mark.integration
 
@@ -29,22 +31,11 @@ COOKIE_MASK = 0xFFFF000000000000
 
 
 def within(d: Deferred, timeout: float = WAIT) -> Deferred:
-    return d.addTimeout(timeout, reactor)
-
-
-async def sleep(seconds: float) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
+    return waiting.within(d, timeout)
 
 
 async def eventually(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    deadline = reactor.seconds() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await sleep(0.05)
+    return await waiting.eventually(predicate, what, timeout)
 
 
 def ip(i: int) -> str:

@@ -1,6 +1,8 @@
-"""For trial tests on the real reactor: a child process's output and end, and sleeping."""
+"""For trial tests on the real reactor: a child process's output and end, sleeping, waiting."""
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 from twisted.internet import protocol, reactor, task
 from twisted.internet.defer import Deferred
@@ -24,3 +26,19 @@ class Collector(protocol.ProcessProtocol):
 
 async def sleep(seconds: float) -> None:
     await task.deferLater(reactor, seconds, lambda: None)
+
+
+def within(d: Deferred, timeout: float) -> Deferred:
+    return d.addTimeout(timeout, reactor)
+
+
+async def eventually(predicate: Callable[[], Any], what: str, timeout: float) -> Any:
+    """Poll C{predicate} every 50 ms until it is true (its value) or C{timeout} passes."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await sleep(0.05)

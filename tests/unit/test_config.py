@@ -246,3 +246,20 @@ def test_readme_documents_every_option():
     text = open(os.path.join(here, "..", "..", "README.md")).read()
     for key in config.KEYS:
         assert f"`--{key.option}" in text and f"`{key.name}`" in text, key.name
+
+
+def test_dns_options_and_their_consistency(manifests, capsys):
+    config = load(["--manifests", manifests, "--dns-listen", "127.0.0.1:5353",
+                   "--dns-ttl", "5", "--dns-domain", "corp.example"])
+    assert (config["dns.listen"], config["dns.ttl"], config["dns.domain"]) == \
+        (("127.0.0.1", 5353), 5, "corp.example")
+    assert load(["--manifests", manifests])["dns.ttl"] == 30
+    assert "dns.ttl: expected whole seconds" in error_of(
+        ["--manifests", manifests, "--dns-ttl", "-1"], capsys)
+    assert "dns.domain: 'bad domain' is not a DNS name" in error_of(
+        ["--manifests", manifests, "--dns-domain", "bad domain"], capsys)
+    # netmaster ignores the DNS keys: one file can serve both roles.
+    assert load(["--role", "netmaster", "--manifests", manifests, "--dns-datapath"]).roles \
+        == ("netmaster",)
+    assert "dns.datapath: needs openflow.connect" in error_of(
+        ["--manifests", manifests, "--dns-datapath"], capsys)
