@@ -2,32 +2,32 @@
 The DNS server as a resolver sees it: a real dnsmasq upstream, contiv's DNS
 server in its own process, and dig.
 
-contiv's twistd plugin does not start the DNS server yet, so the server runs
-from tests/support/dns_child.py: the same DnsServerService, Answerer and
-Forwarder under the real reactor.
+The server runs from tests/support/dns_child.py (the same DnsServerService,
+Answerer and Forwarder under the real reactor) so that the name table can be
+given directly; tests/integration/test_dns_daemon.py drives the whole daemon.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from contiv.dns.names import NameEntry
 from tests.support.dns import ContivDns, Dnsmasq, dig
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not (shutil.which("dnsmasq") and shutil.which("dig")),
-                                 reason="needs dnsmasq and dig (dnsutils)")]
+pytestmark = pytest.mark.integration
 
 BIG = 300
+MANY_UPSTREAM = 100  # addresses of one upstream name: more than a UDP reply holds
 
 
 @pytest.fixture
 def upstream(tmp_path):
     server = Dnsmasq(str(tmp_path), addresses={"example.test": "192.0.2.7"},
-                     hosts="198.51.100.9 only-upstream.test\n", local=("test",))
+                     hosts="198.51.100.9 only-upstream.test\n" + "".join(
+                         f"203.0.113.{i + 1} many.test\n" for i in range(MANY_UPSTREAM)),
+                     local=("test",))
     server.start()
     yield server
     server.stop()
@@ -82,6 +82,17 @@ def test_tcp(contiv, upstream):
     assert addresses(dig(contiv.port, "web.default.svc.cluster.local", "A", "+tcp")) == [
         "10.96.0.10"]
     assert addresses(dig(contiv.port, "www.example.test", "A", "+tcp")) == ["192.0.2.7"]
+
+
+def test_truncated_upstream_answer_is_fetched_again_over_tcp(contiv, upstream):
+    # Over UDP the client gets what the upstream sent: truncated, TC set.
+    udp = dig(contiv.port, "many.test", "A", "+ignore", "+bufsize=1232")
+    assert "tc" in udp.flags and len(udp.answers) < MANY_UPSTREAM, udp.output
+    # A TCP client must not get a truncated answer: the forwarder's UDP try
+    # comes back truncated and it asks the upstream again over TCP.
+    tcp = dig(contiv.port, "many.test", "A", "+tcp", "+bufsize=1232")
+    assert "tc" not in tcp.flags, tcp.output
+    assert len(addresses(tcp)) == MANY_UPSTREAM, tcp.output
 
 
 def test_large_answers_are_truncated_over_udp_and_whole_over_tcp(contiv):

@@ -20,17 +20,12 @@ from __future__ import annotations
 import ipaddress
 import os
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from contiv.k8s.events import ADDED, DELETED, MODIFIED, Event, object_key
 from tests.support.k8s_semantics import NAME_LABEL, Oracle
 
-_POLICY_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "contiv", "policy")
-pytestmark = pytest.mark.skipif(
-    not all(os.path.exists(os.path.join(_POLICY_DIR, f)) for f in ("engine.py", "evaluate.py")),
-    reason="contiv.policy.engine / evaluate not written yet")
 
 NS_NAMES = ("ns1", "ns2", "ns3")
 NODES = ("n1", "n2", "n3")
