@@ -18,6 +18,7 @@ setup(
         "pymemcache>=4.0",
         "os-ken>=2.6",
     ],
+    entry_points={"console_scripts": ["contivctl = contiv.ctl:main"]},
     extras_require={
         "test": [
             "pytest>=7.4",

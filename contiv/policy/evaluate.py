@@ -11,7 +11,7 @@ through.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Mapping, Optional
 
 from contiv.policy.model import Pod
@@ -22,6 +22,35 @@ if TYPE_CHECKING:
 
 NOT_A_POD = "not a pod"
 NOT_ISOLATED = "not isolated"
+ALLOWED = "allowed"
+DENIED = "denied"
+
+
+@dataclass(frozen=True)
+class Side:
+    """
+    One side's decision, structured: C{outcome} is C{"not a pod"},
+    C{"not isolated"}, C{"allowed"} or C{"denied"}; C{policy} and C{rule}
+    name the deciding rule of an allow (C{rule} indexes that direction's
+    rules, i.e. C{spec.egress[i]} or C{spec.ingress[i]}); C{isolating} lists
+    the ids of the policies that isolate the pod in that direction.
+    """
+
+    outcome: str
+    policy: Optional[str] = None
+    rule: Optional[int] = None
+    isolating: tuple[str, ...] = ()
+
+    @property
+    def allows(self) -> bool:
+        return self.outcome != DENIED
+
+    def __str__(self) -> str:
+        if self.outcome == ALLOWED:
+            return f"allowed by {self.policy} rule {self.rule}"
+        if self.outcome == DENIED:
+            return "denied: isolated by " + ", ".join(self.isolating)
+        return self.outcome
 
 
 @dataclass(frozen=True)
@@ -31,11 +60,14 @@ class Verdict:
     C{"not a pod"}, C{"not isolated"}, C{"allowed by <policy id> rule <i>"}
     (the i-th rule of that direction, i.e. C{spec.egress[i]} or
     C{spec.ingress[i]}) or C{"denied: isolated by <policy ids>"}.
+    C{egress_side} and C{ingress_side} say the same as L{Side}s.
     """
 
     allowed: bool
     egress: str
     ingress: str
+    egress_side: Optional[Side] = field(default=None, compare=False)
+    ingress_side: Optional[Side] = field(default=None, compare=False)
 
 
 class Evaluator:
@@ -72,23 +104,24 @@ class Evaluator:
         dst_pod = self._pods_by_ip.get(dst)
         egress = self._side(EGRESS, src, dst, protocol, port, dst_pod)
         ingress = self._side(INGRESS, dst, src, protocol, port, dst_pod)
-        return Verdict(not egress.startswith("denied") and not ingress.startswith("denied"),
+        return Verdict(egress.allows and ingress.allows, str(egress), str(ingress),
                        egress, ingress)
 
     def _side(self, direction: str, own_ip: str, peer_ip: str, protocol: str, port: int,
-              dst_pod: Optional[Pod]) -> str:
+              dst_pod: Optional[Pod]) -> Side:
         if own_ip not in self._pods_by_ip:
-            return NOT_A_POD
+            return Side(NOT_A_POD)
         isolating = self._isolating[direction].get(own_ip)
         if not isolating:
-            return NOT_ISOLATED
+            return Side(NOT_ISOLATED)
+        ids = tuple(p.id for p in isolating)
         peer_address = ipaddress.ip_address(peer_ip)
         for policy in isolating:
             for index, (rule, networks) in enumerate(self._rules[(policy.id, direction)]):
                 if (self._peer_matches(rule, networks, peer_ip, peer_address)
                         and ports_match(rule.ports, protocol, port, dst_pod)):
-                    return f"allowed by {policy.id} rule {index}"
-        return "denied: isolated by " + ", ".join(p.id for p in isolating)
+                    return Side(ALLOWED, policy.id, index, ids)
+        return Side(DENIED, isolating=ids)
 
     def _peer_matches(self, rule: Rule, networks: list, peer_ip: str, peer_address) -> bool:
         if rule.any_peer:

@@ -17,6 +17,7 @@ import shutil
 import pytest
 import yaml
 
+from contiv.ctl.ovs import parse_trace, trace_args, trace_spec
 from tests.support import ovs as ovs_support
 from tests.support.k8s_semantics import connection_allowed
 from tests.support.processes import free_port, http_get, start_twistd, wait_for
@@ -227,14 +228,14 @@ def test_ovs_restart_flows_come_back(node):
 
 
 def trace_allows(node, src, dst, proto, port):
+    """OVS's verdict, asked the way contivctl explain asks it (contiv.ctl.ovs)."""
     src_pod = node.pods[src]
-    flow = (f"in_port={src_pod.ofport},{proto},dl_src={src_pod.mac},"
-            f"dl_dst={node.pods[dst].mac},nw_src={ip(src)},nw_dst={ip(dst)},{proto}_dst={port}")
-    out = node.ovs.appctl("ofproto/trace", node.ovs.bridge, flow, "--ct-next", "trk,new")
+    flow = trace_spec(src_pod.ofport, proto, ip(src), ip(dst), port, src_mac=src_pod.mac,
+                      dst_mac=node.pods[dst].mac)
+    traced = parse_trace(node.ovs.appctl(*trace_args(node.ovs.bridge, flow)))
     # One "Datapath actions" per pass: before conntrack, and after the recirculation.
-    actions = [line for line in out.splitlines() if line.startswith("Datapath actions:")]
-    assert len(actions) == 2, out
-    return actions[-1].strip() != "Datapath actions: drop"
+    assert len(traced.passes) == 2, traced.output
+    return traced.allowed
 
 
 def test_trace_agrees_with_kubernetes_semantics(node):

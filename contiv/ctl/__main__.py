@@ -1,0 +1,5 @@
+import sys
+
+from contiv.ctl import main
+
+sys.exit(main())
