@@ -28,7 +28,7 @@ import yaml
 from contiv.demo import local_pods
 from tests.support import ovs as ovs_support
 from tests.support.dns import free_udp_tcp_port
-from tests.support.k8s_semantics import Oracle
+from tests.support.k8s_semantics import Oracle, manifest_objects
 from tests.support.processes import (
     REPO,
     MemcachedServer,
@@ -45,19 +45,6 @@ EXAMPLES = os.path.join(REPO, "examples", "manifests")
 NODE = "node-1"
 UNOPENED_PORT = 8080
 CONTIVCTL = os.path.join(os.path.dirname(sys.executable), "contivctl")
-
-
-def example_objects():
-    objects = []
-    for name in sorted(os.listdir(EXAMPLES)):
-        if not name.endswith((".yaml", ".yml", ".json")):
-            continue
-        with open(os.path.join(EXAMPLES, name)) as f:
-            for document in yaml.safe_load_all(f):
-                if isinstance(document, dict):
-                    objects.extend(document["items"] if document.get("kind") == "List"
-                                   else [document])
-    return objects
 
 
 class Cluster:
@@ -155,7 +142,7 @@ def container_ports(objects):
 
 
 def test_explain_agrees_with_ovs_and_kubernetes_for_every_probe(cluster):
-    objects = example_objects()
+    objects = manifest_objects(EXAMPLES)
     oracle = Oracle(objects)
     ports = container_ports(objects) + [UNOPENED_PORT]
     assert ports == [80, 5432, UNOPENED_PORT]

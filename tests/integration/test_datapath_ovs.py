@@ -19,7 +19,7 @@ import yaml
 
 from contiv.ctl.ovs import parse_trace, trace_args, trace_spec
 from tests.support import ovs as ovs_support
-from tests.support.k8s_semantics import connection_allowed
+from tests.support.k8s_semantics import connection_allowed, manifest_objects
 from tests.support.processes import free_port, http_get, start_twistd, wait_for
 from tests.support.traffic import Pinger, connects, pings, serve
 
@@ -61,16 +61,6 @@ POLICIES = {
     "web-db.yaml": policy("allow-web-to-db", "db", ["web"], [{"protocol": "TCP", "port": 5432}]),
     "monitor-web.yaml": policy("allow-monitor-to-web", "web", ["monitor"]),
 }
-
-
-def cluster_objects(directory):
-    objects = []
-    for name in sorted(os.listdir(directory)):
-        with open(os.path.join(directory, name)) as f:
-            for document in yaml.safe_load_all(f):
-                objects.extend(document["items"] if document.get("kind") == "List"
-                               else [document])
-    return objects
 
 
 class Node:
@@ -241,7 +231,7 @@ def trace_allows(node, src, dst, proto, port):
 def test_trace_agrees_with_kubernetes_semantics(node):
     node.start_daemon()
     node.ready()
-    objects = cluster_objects(node.manifests)
+    objects = manifest_objects(node.manifests)
     probes = 0
     for src in PODS:
         for dst in PODS:

@@ -285,3 +285,21 @@ class Oracle:
     def allowed(self, src_ip: str, dst_ip: str, protocol: str, port: int) -> bool:
         egress, ingress = self.verdict(src_ip, dst_ip, protocol, port)
         return egress and ingress
+
+
+def manifest_objects(directory: str) -> list:
+    """Every object of the *.yaml/*.yml/*.json files in C{directory} (lists unrolled)."""
+    import os
+
+    import yaml
+
+    objects = []
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith((".yaml", ".yml", ".json")):
+            continue
+        with open(os.path.join(directory, name)) as f:
+            for document in yaml.safe_load_all(f):
+                if isinstance(document, dict):
+                    objects.extend(document["items"] if document.get("kind") == "List"
+                                   else [document])
+    return objects

@@ -40,7 +40,7 @@ from contiv.ctl.view import (
 )
 from contiv.policy.evaluate import Evaluator, Side, Verdict
 from contiv.policy.types import NamedPort
-from tests.support.k8s_semantics import Oracle
+from tests.support.k8s_semantics import Oracle, manifest_objects
 from tests.support.processes import REPO, free_port
 
 EXAMPLES = os.path.join(REPO, "examples", "manifests")
@@ -49,18 +49,6 @@ EXAMPLES = os.path.join(REPO, "examples", "manifests")
 @pytest.fixture(scope="module")
 def view():
     return CompiledManifests(EXAMPLES).view()
-
-
-def example_objects():
-    objects = []
-    for name in sorted(os.listdir(EXAMPLES)):
-        if name.endswith(".yaml"):
-            with open(os.path.join(EXAMPLES, name)) as f:
-                for document in yaml.safe_load_all(f):
-                    if isinstance(document, dict):
-                        objects.extend(document["items"] if document.get("kind") == "List"
-                                       else [document])
-    return objects
 
 
 # -- naming pods, addresses and ports --------------------------------------------------
@@ -167,7 +155,7 @@ def test_groups_say_what_they_stand_for(view):
 # -- explaining ----------------------------------------------------------------------------
 
 def test_compiled_verdicts_match_kubernetes_semantics(view):
-    oracle = Oracle(example_objects())
+    oracle = Oracle(manifest_objects(EXAMPLES))
     pods = sorted(view.pods.values(), key=lambda p: p.key)
     allowed = 0
     for src in pods:
