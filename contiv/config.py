@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import secrets
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -186,6 +188,79 @@ def _hostname() -> str:
     return socket.gethostname()
 
 
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def _election_namespace(path: str = SERVICE_ACCOUNT_NAMESPACE) -> str:
+    """In a pod: the pod's own namespace; elsewhere kube-system."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            namespace = f.read().strip()
+    except OSError:
+        return "kube-system"
+    return namespace or "kube-system"
+
+
+def _election_identity() -> str:
+    """POD_NAME when set; else hostname_<random>, unique per process as client-go's."""
+    pod = os.environ.get("POD_NAME", "").strip()
+    if pod:
+        return pod
+    return f"{socket.gethostname()}_{secrets.token_hex(4)}"
+
+
+def _optional_boolean(value: Any) -> Optional[bool]:
+    if value is None or (isinstance(value, str) and value.lower() == "auto"):
+        return None
+    return _boolean(value)
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def _namespace(value: Any) -> str:
+    text = _string(value)
+    if len(text) > 63 or not _DNS_LABEL.fullmatch(text):
+        raise ValueError(f"{text!r} is not a namespace name (a DNS label: lowercase letters, "
+                         "digits and '-', at most 63)")
+    return text
+
+
+def _object_name(value: Any) -> str:
+    text = _string(value)
+    if len(text) > 253 or not all(_DNS_LABEL.fullmatch(part) for part in text.split(".")):
+        raise ValueError(f"{text!r} is not an object name (a DNS subdomain: lowercase "
+                         "letters, digits, '-' and '.', at most 253)")
+    return text
+
+
+def _identity(value: Any) -> str:
+    text = _string(value)
+    if len(text) > 253 or not text.isprintable():
+        raise ValueError(f"expected at most 253 printable characters, got {text!r}")
+    return text
+
+
+def _whole_seconds(value: Any) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 3600:
+        raise ValueError(f"expected whole seconds from 1 to 3600, got {value!r}")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"expected a number of seconds, got {value!r}") from None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) \
+            or not 0 < value <= 3600:
+        raise ValueError(f"expected seconds above 0 and at most 3600, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class Key:
     """One configuration key: where it lives in the file, and its option."""
@@ -213,6 +288,25 @@ KEYS: tuple[Key, ...] = (
         "its current-context)", metavar="NAME"),
     Key("source.in_cluster", "in-cluster", _boolean, "use the pod's service account to reach "
         "the API server", False, flag=True),
+    Key("election.enabled", "election-enabled", _optional_boolean, "leader election among "
+        "netmasters through a coordination.k8s.io/v1 Lease: true or false (default: on with "
+        "an API source, off with source.manifests)", metavar="BOOL"),
+    Key("election.namespace", "election-namespace", _namespace, "the Lease's namespace "
+        "(default: the pod's own namespace in a cluster, else kube-system)",
+        _election_namespace, metavar="NS"),
+    Key("election.lease", "election-lease", _object_name, "the Lease's name",
+        "contiv-netmaster", metavar="NAME"),
+    Key("election.identity", "election-identity", _identity, "this netmaster's name in "
+        "the Lease (default: $POD_NAME, else the hostname and a random suffix)",
+        _election_identity, metavar="ID"),
+    Key("election.lease_duration", "election-lease-duration", _whole_seconds, "how long, "
+        "in whole seconds, standbys wait for a Lease that is not renewed before taking it",
+        15, metavar="SECONDS"),
+    Key("election.renew_deadline", "election-renew-deadline", _seconds, "how long the "
+        "leader keeps trying to renew before it stops publishing; below "
+        "election.lease_duration", 10.0, metavar="SECONDS"),
+    Key("election.retry_period", "election-retry-period", _seconds, "how often candidates "
+        "try to take the Lease and the leader renews it", 2.0, metavar="SECONDS"),
     Key("store", "store", _store, "'memory' or memcached://host:port[,host:port...]",
         "memory", metavar="URL"),
     Key("store_prefix", "store-prefix", _string, "prefix of every store key, so that "
@@ -370,6 +464,7 @@ def check_consistency(values: Mapping[str, Any]) -> None:
                           "set source.manifests, source.kubeconfig or source.in_cluster")
     if values.get("source.context") and not values.get("source.kubeconfig"):
         raise ConfigError("source.context", "needs source.kubeconfig")
+    check_election(values)
     # The DNS keys belong to netplugin; netmaster ignores them, so that both
     # roles can share one file.
     if values.get("dns.datapath") and not values.get("openflow.connect") \
@@ -383,6 +478,30 @@ def check_consistency(values: Mapping[str, Any]) -> None:
             raise ConfigError("manhole.authorized_keys", "the manhole needs an "
                               "authorized_keys file: it accepts SSH keys only")
         check_manhole_address(values["manhole.listen"], values.get("manhole.allow_remote"))
+
+
+def check_election(values: dict[str, Any]) -> None:
+    """Resolve election.enabled's default and check the timings against each other."""
+    api = bool(values.get("source.kubeconfig") or values.get("source.in_cluster"))
+    if values.get("election.enabled") is None:
+        values["election.enabled"] = api
+    elif values["election.enabled"] and not api and values.get("role") != "netplugin":
+        raise ConfigError("election.enabled", "leader election needs an API source "
+                          "(source.kubeconfig or source.in_cluster) to hold its Lease in; "
+                          "with source.manifests the netmaster is always active")
+    duration = values.get("election.lease_duration")
+    deadline = values.get("election.renew_deadline")
+    retry = values.get("election.retry_period")
+    if None in (duration, deadline, retry):
+        return
+    if not deadline < duration:
+        raise ConfigError("election.renew_deadline", f"must be below election.lease_duration "
+                          f"({deadline:g} >= {duration}): a leader that cannot renew must "
+                          "stop publishing before the others may take over")
+    if not retry * 1.2 < deadline:
+        raise ConfigError("election.retry_period", f"{retry:g} s leaves no second renewal "
+                          f"attempt within election.renew_deadline ({deadline:g} s): it "
+                          "must be below renew_deadline / 1.2")
 
 
 def _dns_name(text: str) -> bool:

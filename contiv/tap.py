@@ -223,8 +223,24 @@ def build_netmaster(config: configuration.Config, reactor: Any, store: Any,
     from contiv.roles.netmaster import NetmasterService
 
     stream = EventStream()
+    elector = None
+    if config["election.enabled"] and api_config is not None:
+        from contiv.k8s.client import ApiClient
+        from contiv.k8s.lease import LeaderElector, LeaseApi
+
+        # A client of its own: a renewal must not queue behind the watches'
+        # connections, and it must not wait longer than the renew deadline.
+        deadline = config["election.renew_deadline"]
+        client = ApiClient(reactor, api_config, request_timeout=deadline,
+                           connect_timeout=deadline)
+        api = LeaseApi(client, config["election.namespace"], config["election.lease"],
+                       timeout=deadline)
+        elector = LeaderElector(api, config["election.identity"], clock=reactor,
+                                lease_duration=config["election.lease_duration"],
+                                renew_deadline=deadline,
+                                retry_period=config["election.retry_period"])
     return NetmasterService(build_source(config, reactor, stream, api_config), stream, store,
-                            clock=reactor, prefix=config["store_prefix"])
+                            clock=reactor, prefix=config["store_prefix"], elector=elector)
 
 
 class DnsParts:

@@ -312,11 +312,26 @@ class ApiClient:
         return headers
 
     async def _get(self, path: str, params: Params, *, unbuffered: bool) -> Any:
+        return await self.request("GET", path, params=params, unbuffered=unbuffered)
+
+    async def request(self, method: str, path: str, *, params: Params = (),
+                      body: Optional[dict] = None, unbuffered: bool = False,
+                      timeout: Optional[float] = None) -> Any:
+        """
+        One request with this client's credentials (C{body} sent as JSON): the
+        treq response, whatever its status. C{timeout}: the request's own, if
+        shorter than the client's.
+        """
         url = self.config.server + path
+        data = None if body is None else json.dumps(body).encode()
         for attempt in (1, 2):
-            response = await self._http.get(
-                url, params=list(params), headers=self._headers(), unbuffered=unbuffered,
-                timeout=self._request_timeout, reactor=self._reactor)
+            headers = self._headers()
+            if data is not None:
+                headers[b"Content-Type"] = [b"application/json"]
+            response = await self._http.request(
+                method, url, params=list(params), data=data, headers=headers,
+                unbuffered=unbuffered, timeout=timeout or self._request_timeout,
+                reactor=self._reactor)
             if response.code == 401 and attempt == 1 and self.config.token_source is not None:
                 # Rotated under us (projected token, expired exec credential):
                 # read it again and retry once before calling it a failure.
@@ -327,6 +342,10 @@ class ApiClient:
                 continue
             return response
         raise AssertionError("unreachable")
+
+    async def error(self, response: Any, path: str) -> ApiError:
+        """The L{ApiError} that a failed response's Status body describes."""
+        return await self._error(response, path)
 
     async def _error(self, response: Any, path: str) -> ApiError:
         body = await treq.content(response)

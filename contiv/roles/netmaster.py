@@ -7,6 +7,14 @@ half-seen cluster would open or close traffic it should not. After that,
 every burst of events becomes one publish (the engine's changes since the
 previous one), and a periodic check republishes everything when the store
 lost its data (the epoch key is gone, or entries were evicted).
+
+With leader election (L{contiv.k8s.lease}), any number of netmasters run and
+one publishes. A standby follows the cluster and compiles exactly as the
+leader does, so its cache is warm, but writes nothing: its publisher sits
+behind a gate that refuses writes unless this netmaster leads. On becoming
+the leader it adopts what the store holds and publishes everything, with a
+generation above the store's; on losing the Lease it cancels any publish in
+flight and closes the gate before anyone else may take over.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from typing import Any, Optional
 
 from prometheus_client import Counter, Gauge, Histogram
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -40,6 +48,42 @@ INVALID = Gauge("contiv_netmaster_invalid_objects",
                 registry=REGISTRY)
 
 
+class NotLeading(Exception):
+    """A store write refused because this netmaster does not hold the Lease."""
+
+
+class _LeaderGate:
+    """
+    The store as a standby's publisher sees it: reads pass, writes are
+    refused while C{is_open()} is false. A publish that was already running
+    when leadership ended cannot put another write into the store.
+    """
+
+    def __init__(self, store: Any, is_open: Any):
+        self._store = store
+        self._is_open = is_open
+
+    def _write(self, method: str, *args: Any) -> Deferred:
+        if not self._is_open():
+            return fail(NotLeading(f"{method} refused: this netmaster is not the leader"))
+        return getattr(self._store, method)(*args)
+
+    def get_many(self, keys: Any) -> Deferred:
+        return self._store.get_many(keys)
+
+    def set_many(self, items: Any) -> Deferred:
+        return self._write("set_many", items)
+
+    def add(self, key: str, value: bytes) -> Deferred:
+        return self._write("add", key, value)
+
+    def delete_many(self, keys: Any) -> Deferred:
+        return self._write("delete_many", keys)
+
+    def incr(self, key: str) -> Deferred:
+        return self._write("incr", key)
+
+
 class NetmasterService(Service):
     name = "netmaster"
     log = Logger()
@@ -47,13 +91,21 @@ class NetmasterService(Service):
     def __init__(self, source: Any, stream: EventStream, store: Any, *, clock: Any,
                  prefix: str = "contiv/", publish_delay: float = 0.005,
                  check_interval: float = 1.0, audit_interval: float = 30.0,
-                 grace_period: float = 60.0, retry_delay: float = 1.0):
+                 grace_period: float = 60.0, retry_delay: float = 1.0,
+                 elector: Any = None):
         self.source = source
         self.stream = stream
         self.store = store
         self.clock = clock
         self.engine = PolicyEngine()
         self.names = NameIndex()
+        # Without an elector this netmaster is the only one, and always active.
+        self.elector = elector
+        self.active = elector is None
+        if elector is not None:
+            elector.on_started_leading = self._start_leading
+            elector.on_stopped_leading = self._stop_leading
+            store = _LeaderGate(store, lambda: self.active)
         self.publisher = Publisher(store, prefix=prefix, clock=clock,
                                    grace_period=grace_period)
         self.publish_delay = publish_delay
@@ -103,6 +155,12 @@ class NetmasterService(Service):
             self._checker.stop()
         if self._scheduled is not None and self._scheduled.active():
             self._scheduled.cancel()
+        if self.elector is not None:
+            # The last publish completes, then the Lease is released: a
+            # standby that takes it at once finds a consistent store.
+            if self._publishing is not None:
+                await self._publishing
+            await self.elector.stop()
         await self.source.stop()
         self.stream.close()
         if self._consuming is not None:
@@ -118,6 +176,10 @@ class NetmasterService(Service):
                 self.synced = True
                 self.log.info("netmaster has the whole cluster: {counts}",
                               counts=self.counts())
+                if self.elector is not None and not self._stopping:
+                    # Only now: a leader that has not listed everything would
+                    # hold the Lease while it cannot publish.
+                    self.elector.start()
                 self._schedule()
             elif isinstance(item, Event):
                 self.apply(item)
@@ -142,20 +204,53 @@ class NetmasterService(Service):
     def counts(self) -> dict[str, int]:
         return {kind: len(keys) for kind, keys in sorted(self._objects.items()) if keys}
 
+    # -- leadership
+
+    def _start_leading(self) -> None:
+        """The Lease is ours: adopt the store and publish everything."""
+        self.log.info("netmaster is the leader: publishing everything it has compiled")
+        self.active = True
+        # Whatever this publisher believed it wrote, another leader may have
+        # rewritten since: a full publish after adopting the store's root.
+        self._need_full = True
+        self.published_generation = None
+        self.last_error = None
+        if self._unpublished:
+            self._unpublished_since = self.clock.seconds()
+        self._schedule(0)
+
+    def _stop_leading(self, why: str) -> None:
+        """The Lease is lost (or released): not one more write."""
+        if not self.active:
+            return
+        self.active = False
+        self.log.info("netmaster stops publishing ({why})", why=why)
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        if self._publishing is not None:
+            self._publishing.cancel()
+        self.published_generation = None
+        self.last_error = None
+
     # -- publishing
 
     def _schedule(self, delay: Optional[float] = None) -> None:
         """One publish per burst: events arriving within the delay share it."""
-        if self._stopping or (self._scheduled is not None and self._scheduled.active()):
+        if self._stopping or not self.active or \
+                (self._scheduled is not None and self._scheduled.active()):
             return
         self._scheduled = self.clock.callLater(
             self.publish_delay if delay is None else delay, self._kick)
 
     def _kick(self) -> None:
+        if not self.active:
+            return
         if self._publishing is not None:
             self._again = True
             return
         publishing = Deferred.fromCoroutine(self._publish_loop())
+        # Cancelled when leadership ends in the middle of a publish.
+        publishing.addErrback(lambda failure: failure.trap(CancelledError))
         # Against an in-memory store the loop can finish before this line.
         self._publishing = None if publishing.called else publishing
 
@@ -166,6 +261,11 @@ class NetmasterService(Service):
                 try:
                     await self._publish_once()
                 except Exception as e:
+                    if not self.active:
+                        self._need_full = True
+                        self.log.info("publish abandoned: this netmaster no longer leads "
+                                      "({error})", error=repr(e))
+                        return
                     self.last_error = f"publishing to the store failed: {e}"
                     PUBLISHES.labels("error").inc()
                     self.log.error("publishing to the store failed, retrying in {delay} s: "
@@ -270,7 +370,7 @@ class NetmasterService(Service):
 
     def _check(self) -> Optional[Deferred]:
         if not self.synced or self._publishing is not None or self._stopping \
-                or self.published_generation is None:
+                or self.published_generation is None or not self.active:
             return None
         d = Deferred.fromCoroutine(self._audit())
 
@@ -285,7 +385,18 @@ class NetmasterService(Service):
     # -- reporting
 
     @property
+    def standby(self) -> bool:
+        return self.elector is not None and not self.active
+
+    @property
     def in_sync(self) -> bool:
+        if self.standby:
+            # A warm standby counts as ready: it has listed everything,
+            # compiled it, and read the Lease, so it can take over at once
+            # (a Deployment's rollout waits for every replica to be Ready).
+            return (self.synced and len(self.stream) == 0 and not self._stopping
+                    and self.elector.observed is not None
+                    and self.elector.last_error is None)
         return (self.synced and self.published_generation is not None
                 and self._unpublished == 0 and self._publishing is None
                 and self.last_error is None and len(self.stream) == 0)
@@ -293,6 +404,8 @@ class NetmasterService(Service):
     def status(self) -> dict[str, Any]:
         if not self.synced:
             state, detail = "listing", "waiting for the source's initial list"
+        elif self.standby:
+            state, detail = "standby", self._standby_detail()
         elif self.last_error is not None:
             state, detail = "store-error", self.last_error
         elif self.in_sync:
@@ -300,7 +413,7 @@ class NetmasterService(Service):
         else:
             state, detail = "publishing", "changes are being compiled and published"
         errors = dict(sorted({**self.engine.errors, **self.names.errors}.items())[:20])
-        return {
+        status = {
             "role": "netmaster",
             "state": state,
             "in_sync": self.in_sync,
@@ -315,3 +428,24 @@ class NetmasterService(Service):
             "errors": errors,
             "source": self.source.status(),
         }
+        if self.elector is not None:
+            status["election"] = self.elector.status()
+        return status
+
+    def _standby_detail(self) -> str:
+        elector = self.elector
+        lease = getattr(elector.api, "description", "the Lease")
+        if elector.last_error is not None:
+            return (f"standby, publishing nothing; cannot read or take the Lease {lease}: "
+                    f"{elector.last_error}")
+        if elector.observed is None:
+            return f"standby, publishing nothing; reading the Lease {lease}"
+        holder = elector.holder
+        if holder == elector.identity:
+            held = ("still in this netmaster's name from a term it ended when it could not "
+                    "renew")
+        else:
+            held = f"held by {holder}" if holder else "free (taking it over)"
+        return (f"standby, publishing nothing: the Lease {lease} is {held}; this "
+                f"netmaster has listed and compiled everything and counts as ready to "
+                f"take over")

@@ -18,7 +18,7 @@ from twisted.trial import unittest
 
 from contiv.store.layout import Reader
 from contiv.store.memcached import MemcachedStore
-from tests.support.reactor_process import Collector, sleep
+from tests.support.reactor_process import Collector, converge
 from tests.support.processes import REPO, TWISTD, MemcachedServer, contiv_env
 
 pytestmark = pytest.mark.integration
@@ -57,13 +57,7 @@ class NetmasterPublishesToMemcached(unittest.TestCase):
         return process
 
     async def converge(self, reader: Reader, predicate, what: str, timeout: float = 20):
-        deadline = reactor.seconds() + timeout
-        while reactor.seconds() < deadline:
-            await reader.poll()
-            if reader.state is not None and predicate(reader.state):
-                return reader.state
-            await sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}; reader problem: {reader.problem}")
+        return await converge(reader, predicate, what, timeout, 0.1)
 
     def test_publish_restart_and_edit(self):
         return Deferred.fromCoroutine(self._publish_restart_and_edit())

@@ -12,9 +12,13 @@ real list/watch wire protocol over twisted.web.
 - 410 Gone for resourceVersions older than the retained window, as an ERROR
   watch event (what a real server does) or as an HTTP 410 (set C{gone_as}),
   and for continue tokens of a compacted list;
+- Leases (coordination.k8s.io/v1) for leader election: GET, POST (create;
+  409 AlreadyExists), PUT (update; 409 Conflict on a stale
+  resourceVersion, 404 when absent), with the spec's types checked;
 - test hooks: drop every watch (optionally half-way through the next event),
   stall (stop writing without closing), send a garbage line, refuse new
-  watches, require and rotate a bearer token.
+  watches, require and rotate a bearer token, answer Lease requests with an
+  error or not at all.
 
 It listens on 127.0.0.1 over plain TCP, or over TLS that requires a client
 certificate from a test CA made by L{make_test_pki}.
@@ -27,6 +31,7 @@ import copy
 import datetime
 import json
 import os
+import re
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -47,6 +52,10 @@ RESOURCE_PATHS = {
     "/apis/discovery.k8s.io/v1/endpointslices": ("EndpointSlice", "discovery.k8s.io/v1"),
 }
 API_VERSIONS = {kind: api_version for kind, api_version in RESOURCE_PATHS.values()}
+
+LEASE_API = "coordination.k8s.io/v1"
+LEASE_PATH = re.compile(r"/apis/coordination\.k8s\.io/v1/namespaces/([^/]+)/leases(?:/([^/]+))?")
+_MICRO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)")
 
 
 def load_fixture(name: str) -> List[dict]:
@@ -236,6 +245,12 @@ class FakeApiServer(resource.Resource):
         self.refuse_lists: Dict[str, int] = {}
         self.token: Optional[str] = None
         self.requests: List[dict] = []
+        # (namespace, name) -> Lease
+        self.leases: Dict[Tuple[str, str], dict] = {}
+        # HTTP status that Lease requests get instead of an answer; "hang"
+        # leaves them unanswered until the hook is cleared.
+        self.refuse_leases: Any = None
+        self._hung: List[Any] = []
         self.bookmark_interval = bookmark_interval
         self._bookmarks = task.LoopingCall(self.send_bookmarks)
         self._bookmarks.clock = reactor
@@ -394,12 +409,26 @@ class FakeApiServer(resource.Resource):
         request.setHeader(b"Content-Type", b"application/json")
         return _dumps(body)
 
-    def render_GET(self, request: Any) -> Any:
+    def _authorized(self, request: Any) -> bool:
         path = request.path.decode()
         args = {k.decode(): v[-1].decode() for k, v in request.args.items()}
         authorization = request.getHeader(b"Authorization")
-        self.requests.append({"path": path, "args": args, "authorization": authorization})
-        if self.token is not None and authorization != f"Bearer {self.token}".encode():
+        self.requests.append({"path": path, "args": args, "authorization": authorization,
+                              "method": request.method.decode()})
+        return self.token is None or authorization == f"Bearer {self.token}".encode()
+
+    def render_POST(self, request: Any) -> Any:
+        return self._lease_request(request)
+
+    def render_PUT(self, request: Any) -> Any:
+        return self._lease_request(request)
+
+    def render_GET(self, request: Any) -> Any:
+        path = request.path.decode()
+        args = {k.decode(): v[-1].decode() for k, v in request.args.items()}
+        if LEASE_PATH.fullmatch(path):
+            return self._lease_request(request)
+        if not self._authorized(request):
             return self._reply(request, 401, status(401, "Unauthorized", "Unauthorized"))
         if path not in RESOURCE_PATHS:
             return self._reply(request, 404, status(404, "NotFound", f"{path} not found"))
@@ -410,6 +439,130 @@ class FakeApiServer(resource.Resource):
             code = self.refuse_lists[path]
             return self._reply(request, code, status(code, "ServiceUnavailable", "refused"))
         return self._list(request, kind, args)
+
+    # -- Leases
+
+    def release_hung_leases(self) -> None:
+        """Answer the Lease requests left hanging with 503 (and stop hanging new ones)."""
+        self.refuse_leases = None
+        hung, self._hung = self._hung, []
+        for request in hung:
+            if not request.finished and not request._disconnected:
+                request.write(self._reply(request, 503, status(503, "ServiceUnavailable",
+                                                               "was hanging")))
+                request.finish()
+
+    def _lease_request(self, request: Any) -> Any:
+        if not self._authorized(request):
+            return self._reply(request, 401, status(401, "Unauthorized", "Unauthorized"))
+        match = LEASE_PATH.fullmatch(request.path.decode())
+        method = request.method.decode()
+        if match is None:
+            return self._reply(request, 405, status(405, "MethodNotAllowed",
+                                                    f"{method} not allowed here"))
+        if self.refuse_leases == "hang":
+            self._hung.append(request)
+            return server.NOT_DONE_YET
+        if self.refuse_leases is not None:
+            code = int(self.refuse_leases)
+            return self._reply(request, code, status(code, "ServiceUnavailable", "refused"))
+        namespace, name = match.group(1), match.group(2)
+        what = f'leases.coordination.k8s.io "{name}"'
+        if method == "GET":
+            if name is None:
+                items = [v for (ns, _), v in sorted(self.leases.items()) if ns == namespace]
+                return self._reply(request, 200, {"kind": "LeaseList", "apiVersion": LEASE_API,
+                                                  "metadata": {"resourceVersion": str(self.rv)},
+                                                  "items": items})
+            lease = self.leases.get((namespace, name))
+            if lease is None:
+                return self._reply(request, 404, status(404, "NotFound", f"{what} not found"))
+            return self._reply(request, 200, lease)
+        try:
+            body = json.loads(request.content.read())
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            return self._reply(request, 400, status(400, "BadRequest", f"body: {e}"))
+        problem = self._lease_problem(body, namespace)
+        if problem:
+            return self._reply(request, 422, status(422, "Invalid", problem))
+        metadata = body["metadata"]
+        if method == "POST":
+            if name is not None:
+                return self._reply(request, 405, status(405, "MethodNotAllowed",
+                                                        "POST to the collection"))
+            key = (namespace, metadata["name"])
+            if key in self.leases:
+                return self._reply(request, 409, status(
+                    409, "AlreadyExists",
+                    f'leases.coordination.k8s.io "{metadata["name"]}" already exists'))
+            lease = self._stamp_lease(body, namespace, None)
+            self.leases[key] = lease
+            return self._reply(request, 201, lease)
+        if method == "PUT":
+            if name is None or metadata["name"] != name:
+                return self._reply(request, 400, status(
+                    400, "BadRequest", "the name in the body does not match the URL"))
+            old = self.leases.get((namespace, name))
+            if old is None:
+                return self._reply(request, 404, status(404, "NotFound", f"{what} not found"))
+            given = metadata.get("resourceVersion")
+            if given and given != old["metadata"]["resourceVersion"]:
+                return self._reply(request, 409, status(
+                    409, "Conflict", f"Operation cannot be fulfilled on {what}: the object has "
+                    "been modified; please apply your changes to the latest version and try "
+                    "again"))
+            lease = self._stamp_lease(body, namespace, old)
+            self.leases[(namespace, name)] = lease
+            return self._reply(request, 200, lease)
+        return self._reply(request, 405, status(405, "MethodNotAllowed", method))
+
+    @staticmethod
+    def _lease_problem(body: dict, namespace: str) -> Optional[str]:
+        metadata = body.get("metadata")
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("name"), str) \
+                or not metadata["name"]:
+            return "metadata.name: Required value"
+        if metadata.get("namespace") not in (None, namespace):
+            return "metadata.namespace: does not match the URL"
+        if body.get("kind") not in (None, "Lease") or \
+                body.get("apiVersion") not in (None, LEASE_API):
+            return "kind/apiVersion: not a coordination.k8s.io/v1 Lease"
+        spec = body.get("spec") or {}
+        if not isinstance(spec, dict):
+            return "spec: not an object"
+        for field in ("leaseDurationSeconds", "leaseTransitions"):
+            value = spec.get(field)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 0):
+                return f"spec.{field}: must be a non-negative integer, got {value!r}"
+        if spec.get("leaseDurationSeconds") == 0:
+            return "spec.leaseDurationSeconds: must be greater than 0"
+        holder = spec.get("holderIdentity")
+        if holder is not None and not isinstance(holder, str):
+            return f"spec.holderIdentity: must be a string, got {holder!r}"
+        for field in ("acquireTime", "renewTime"):
+            value = spec.get(field)
+            if value is not None and not (isinstance(value, str) and _MICRO_TIME.fullmatch(value)):
+                return f"spec.{field}: not an RFC 3339 time: {value!r}"
+        return None
+
+    def _stamp_lease(self, body: dict, namespace: str, old: Optional[dict]) -> dict:
+        lease = copy.deepcopy(body)
+        lease["kind"], lease["apiVersion"] = "Lease", LEASE_API
+        metadata = lease["metadata"]
+        metadata["namespace"] = namespace
+        if old is None:
+            metadata["uid"] = str(uuid.uuid4())
+            metadata["creationTimestamp"] = datetime.datetime.now(
+                datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        else:
+            metadata["uid"] = old["metadata"]["uid"]
+            metadata["creationTimestamp"] = old["metadata"]["creationTimestamp"]
+        self.rv += 1
+        metadata["resourceVersion"] = str(self.rv)
+        return lease
 
     def _gone(self, request: Any, message: str) -> bytes:
         return self._reply(request, 410, status(410, "Expired", message))

@@ -42,3 +42,15 @@ async def eventually(predicate: Callable[[], Any], what: str, timeout: float) ->
         if reactor.seconds() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await sleep(0.05)
+
+
+async def converge(reader: Any, predicate: Callable[[Any], Any], what: str,
+                   timeout: float = 20, interval: float = 0.05) -> Any:
+    """Poll a store reader until its state satisfies C{predicate}; the state."""
+    deadline = reactor.seconds() + timeout
+    while reactor.seconds() < deadline:
+        await reader.poll()
+        if reader.state is not None and predicate(reader.state):
+            return reader.state
+        await sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; reader problem: {reader.problem}")

@@ -263,3 +263,66 @@ def test_dns_options_and_their_consistency(manifests, capsys):
         == ("netmaster",)
     assert "dns.datapath: needs openflow.connect" in error_of(
         ["--manifests", manifests, "--dns-datapath"], capsys)
+
+
+def test_election_defaults_follow_the_source(tmp_path, manifests, monkeypatch):
+    monkeypatch.delenv("POD_NAME", raising=False)
+    values = load(["--manifests", manifests])
+    assert values["election.enabled"] is False  # manifests: always active
+    assert (values["election.lease"], values["election.lease_duration"],
+            values["election.renew_deadline"], values["election.retry_period"]) == \
+        ("contiv-netmaster", 15, 10.0, 2.0)
+    host, _, suffix = values["election.identity"].rpartition("_")
+    assert host and len(suffix) == 8
+    assert load(["--manifests", manifests])["election.identity"] != values["election.identity"]
+    monkeypatch.setenv("POD_NAME", "contiv-netmaster-7d9f-abcde")
+    assert load(["--manifests", manifests])["election.identity"] == "contiv-netmaster-7d9f-abcde"
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("")
+    values = config.build({}, {"source.kubeconfig": str(kubeconfig), "role": "netmaster"})
+    assert values["election.enabled"] is True
+    values = config.build({"election.enabled": False},
+                          {"source.kubeconfig": str(kubeconfig), "role": "netmaster"})
+    assert values["election.enabled"] is False
+
+
+def test_election_namespace_defaults_to_the_pods_own(tmp_path, monkeypatch):
+    path = tmp_path / "namespace"
+    assert config._election_namespace(str(path)) == "kube-system"
+    path.write_text("contiv-system\n")
+    assert config._election_namespace(str(path)) == "contiv-system"
+
+
+def test_election_keys_from_file_and_command_line(tmp_path, manifests):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("")
+    path = write(tmp_path, f"""
+role: netmaster
+source: {{kubeconfig: {kubeconfig}}}
+election: {{namespace: contiv-system, lease: contiv.netmaster, identity: "pod-a",
+           lease_duration: 3, renew_deadline: 2, retry_period: 0.5}}
+""")
+    values = config.build(config.read_file(path), {"election.retry_period": "0.25"}, path)
+    assert (values["election.namespace"], values["election.lease"],
+            values["election.identity"], values["election.lease_duration"],
+            values["election.renew_deadline"], values["election.retry_period"]) == \
+        ("contiv-system", "contiv.netmaster", "pod-a", 3, 2.0, 0.25)
+    assert values["election.enabled"] is True
+
+
+@pytest.mark.parametrize("argv, key, words", [
+    (["--election-enabled", "perhaps"], "election.enabled", "expected true or false"),
+    (["--election-enabled", "true"], "election.enabled", "needs an API source"),
+    (["--election-namespace", "Kube_System"], "election.namespace", "not a namespace"),
+    (["--election-lease", "a/b"], "election.lease", "not an object name"),
+    (["--election-lease-duration", "1.5"], "election.lease_duration", "whole seconds"),
+    (["--election-renew-deadline", "0"], "election.renew_deadline", "above 0"),
+    (["--election-retry-period", "x"], "election.retry_period", "a number of seconds"),
+    (["--election-renew-deadline", "15"], "election.renew_deadline",
+     "below election.lease_duration"),
+    (["--election-retry-period", "9"], "election.retry_period", "renew_deadline"),
+])
+def test_bad_election_values(manifests, capsys, argv, key, words):
+    message = error_of(["--manifests", manifests] + argv, capsys)
+    assert message.startswith(f"contiv: configuration error: {key}: "), message
+    assert words in message

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from contiv.k8s.events import ADDED, DELETED, MODIFIED, Event, EventStream, Synced
-from contiv.roles.netmaster import NetmasterService
+from contiv.k8s.client import ApiError
+from contiv.roles.netmaster import NetmasterService, NotLeading
 from contiv.store import StoreUnavailable
 from contiv.store.layout import Reader
 from contiv.store.memory import MemoryStore
@@ -253,3 +254,163 @@ class NetmasterTests(unittest.TestCase):
         self.assertEqual(table.resolve("web.default.svc.cluster.local").entry.addresses,
                          ("10.96.0.10",))
         self.assertEqual(table.resolve("web-1.default.pod.cluster.local").outcome, "nxdomain")
+
+
+class HangingStore(MemoryStore):
+    """set_many can be made to wait forever, as a write stuck in the network."""
+
+    hang = False
+
+    def __init__(self):
+        super().__init__()
+        self.hung = []
+
+    def set_many(self, items):
+        if self.hang:
+            d = Deferred()
+            self.hung.append(d)
+            return d
+        return super().set_many(items)
+
+
+class NetmasterWithElection(unittest.TestCase):
+    """Leader election: a standby compiles and publishes nothing; a leader publishes."""
+
+    def setUp(self):
+        from tests.unit.test_lease import MemoryLeases
+
+        self.clock = Clock()
+        self.store = HangingStore()
+        self.leases = MemoryLeases()
+        self.netmasters = []
+
+    def start(self, identity):
+        from contiv.k8s.lease import LeaderElector
+
+        elector = LeaderElector(self.leases, identity, clock=self.clock, lease_duration=15,
+                                renew_deadline=10, retry_period=2, random=lambda: 0.5)
+        stream = EventStream()
+        netmaster = NetmasterService(FakeSource(), stream, self.store, clock=self.clock,
+                                     audit_interval=5.0, grace_period=10.0, elector=elector)
+        netmaster.startService()
+        self.netmasters.append(netmaster)
+        for item in (namespace("default"), pod("web", "10.0.0.1", app="web"),
+                     pod("client", "10.0.0.2", app="client"), policy("p", app="web"),
+                     Synced()):
+            self.successResultOf(stream.put(item))
+        return netmaster, stream
+
+    def tearDown(self):
+        self.store.hang = False
+        for netmaster in self.netmasters:
+            if netmaster.running:
+                self.successResultOf(netmaster.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def settle(self, seconds=0.1):
+        for _ in range(int(seconds / 0.005) + 1):
+            self.clock.advance(0.005)
+
+    def generation(self):
+        raw = self.successResultOf(self.store.get_many(["contiv/gen"])).get("contiv/gen")
+        return None if raw is None else int(raw)
+
+    def test_standby_compiles_publishes_nothing_and_says_so(self):
+        self.leases.renew_as("elsewhere", 0)
+        standby, _ = self.start("b")
+        self.settle(1)
+        self.assertEqual(self.store.keys(), [])
+        status = standby.status()
+        self.assertEqual(status["state"], "standby")
+        self.assertIn("held by elsewhere", status["detail"])
+        self.assertIn("ready to take over", status["detail"])
+        self.assertTrue(status["in_sync"], status)
+        self.assertIsNone(status["generation"])
+        self.assertEqual(len(standby.engine.policies), 1)
+        self.assertEqual(status["election"]["holder"], "elsewhere")
+
+    def test_takeover_adopts_and_continues_the_generation(self):
+        leader, leader_stream = self.start("a")
+        self.settle(1)
+        self.assertTrue(leader.active)
+        first = self.generation()
+        self.assertEqual(leader.published_generation, first)
+        reader = Reader(self.store, "node-1")
+        before = self.successResultOf(reader.poll())
+        standby, standby_stream = self.start("b")
+        self.settle(1)
+        self.assertEqual(standby.status()["state"], "standby")
+        self.assertEqual(self.generation(), first, "the standby published")
+        # The leader stops renewing (as if its API requests stopped), and
+        # stops at its renew deadline; for b the Lease runs out later.
+        leader.elector._next.cancel()
+        leader.elector.running = False
+        renewed = leader.elector.last_renew
+        for _ in range(200):  # 10 s: the leader's renew deadline passes
+            self.clock.advance(0.05)
+        self.assertFalse(leader.active)
+        self.assertLessEqual(self.clock.seconds(), renewed + 10 + 0.05)
+        self.assertFalse(standby.active)
+        for _ in range(200):
+            self.clock.advance(0.05)
+            if standby.active:
+                break
+        self.assertTrue(standby.active, standby.status())
+        # Not before the Lease had gone unrenewed for its duration.
+        self.assertGreaterEqual(self.clock.seconds(), renewed + 15)
+        self.settle(0.5)
+        self.assertEqual(standby.status()["state"], "published")
+        self.assertGreater(self.generation(), first)
+        after = self.successResultOf(reader.poll())
+        self.assertEqual(after.policies.keys(), before.policies.keys())
+        self.assertEqual(after.index.pods, before.index.pods)
+        # A change followed by the new leader reaches the store.
+        self.successResultOf(standby_stream.put(pod("web2", "10.0.0.3", app="web")))
+        self.successResultOf(leader_stream.put(pod("web2", "10.0.0.3", app="web")))
+        self.settle()
+        state = self.successResultOf(reader.poll())
+        self.assertIn("default/web2", [p.key for p in state.index.pods])
+        self.assertEqual(leader.status()["state"], "standby")
+
+    def test_losing_the_lease_cuts_off_a_publish_in_flight(self):
+        leader, stream = self.start("a")
+        self.settle(1)
+        generation = self.generation()
+        self.store.hang = True
+        self.successResultOf(stream.put(pod("web2", "10.0.0.3", app="web")))
+        self.settle()
+        self.assertEqual(len(self.store.hung), 1)
+        self.assertIsNotNone(leader._publishing)
+        self.leases.hang = True  # renewals go unanswered too
+        self.clock.advance(11)
+        self.assertFalse(leader.active)
+        self.assertIsNone(leader._publishing)
+        # The write that was stuck completes late; nothing more follows it.
+        self.store.hang = False
+        self.store.hung[0].callback(None)
+        self.settle()
+        self.assertEqual(self.generation(), generation)
+        self.assertEqual(self.successResultOf(
+            leader.publisher.store.set_many({"contiv/x": b"1"}).addErrback(
+                lambda f: f.trap(NotLeading) and "refused")), "refused")
+        self.assertNotIn("contiv/x", self.store.keys())
+        self.leases.hang = False
+        for d in self.leases.hung:
+            d.errback(ApiError(503, "", "late", ""))
+
+    def test_stop_finishes_the_publish_then_releases(self):
+        leader, stream = self.start("a")
+        self.settle(1)
+        self.store.hang = True
+        self.successResultOf(stream.put(pod("web2", "10.0.0.3", app="web")))
+        self.settle()
+        stopped = leader.stopService()
+        self.assertNoResult(stopped)
+        self.assertEqual(self.leases.lease["spec"]["holderIdentity"], "a")
+        self.store.hang = False
+        for d in self.store.hung:
+            d.callback(None)
+        self.settle()
+        self.successResultOf(stopped)
+        self.assertEqual(self.leases.lease["spec"]["holderIdentity"], "")
+        self.assertTrue(self.leases.closed)
