@@ -85,11 +85,13 @@ def _port(text: str) -> int:
     return int(text)
 
 
-def parse_host_port(value: Any, default_port: Optional[int] = None) -> tuple[str, int]:
+def parse_host_port(value: Any, default_port: Optional[int] = None, *,
+                    names: bool = False) -> tuple[str, int]:
     """
     Parse C{host:port}, C{[v6]:port}, or (with a default port) a bare IPv4 or
-    IPv6 literal. The host must be an IP address: a name here would need a
-    resolver to start the resolver.
+    IPv6 literal. The host must be an IP address (a DNS server or upstream
+    named by a name would need a resolver to start the resolver), unless
+    C{names}: then a DNS name is accepted too, resolved when connecting.
     """
     text = _string(value)
     if text.startswith("["):
@@ -115,7 +117,12 @@ def parse_host_port(value: Any, default_port: Optional[int] = None) -> tuple[str
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError(f"{host!r} in {text!r} is not an IP address") from None
+        # An all-numeric last label is a mistyped address, not a name.
+        if names and not text.startswith("[") and _dns_name(host) \
+                and not host.rstrip(".").rsplit(".", 1)[-1].isdigit():
+            return host, port
+        what = "an IP address or a DNS name" if names else "an IP address"
+        raise ValueError(f"{host!r} in {text!r} is not {what}") from None
     return host, port
 
 
@@ -156,7 +163,9 @@ def _store(value: Any) -> str:
             f"expected 'memory' or 'memcached://host:port[,host:port...]', got {text!r}"
         )
     for server in servers.split(","):
-        parse_host_port(server)
+        # A name (the memcached Service's, in a cluster) is resolved at each
+        # connection, on the store's threads: it may move.
+        parse_host_port(server, names=True)
     return text
 
 

@@ -60,7 +60,7 @@ def parse_store_url(url: str) -> list[tuple[str, int]] | None:
     if scheme != "memcached" or not sep or not servers:
         raise ValueError(f"expected 'memory' or 'memcached://host:port[,host:port...]', "
                          f"got {url!r}")
-    return [parse_host_port(server) for server in servers.split(",")]
+    return [parse_host_port(server, names=True) for server in servers.split(",")]
 
 
 def open_store(reactor: Any, url: str, **options: Any) -> Any:

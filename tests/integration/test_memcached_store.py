@@ -64,10 +64,11 @@ class MemcachedLayoutTests(unittest.TestCase):
         self.addCleanup(server.stop)
         return server
 
-    def store(self, *servers: MemcachedServer, **options: Any) -> MemcachedStore:
+    def store(self, *servers: MemcachedServer, host: str = "127.0.0.1",
+              **options: Any) -> MemcachedStore:
         options.setdefault("timeout", 1.0)
         options.setdefault("connect_timeout", 1.0)
-        url = "memcached://" + ",".join(f"127.0.0.1:{s.port}" for s in servers)
+        url = "memcached://" + ",".join(f"{host}:{s.port}" for s in servers)
         store = open_store(reactor, url, **options)
         self.assertIsInstance(store, MemcachedStore)
         self.addCleanup(self._close, store)
@@ -101,7 +102,9 @@ class MemcachedLayoutTests(unittest.TestCase):
         self.assertTrue(await run(publisher.epoch_intact()))
         self.assertEqual(await run(publisher.verify(publisher.written())), [])
 
-        other = self.store(server)
+        # A second client that names the server (as a cluster names the
+        # memcached Service): the name is resolved when it connects.
+        other = self.store(server, host="localhost")
         for index in indexes:
             reader = Reader(other, index.node)
             state = await run(reader.poll())

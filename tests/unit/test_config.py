@@ -115,6 +115,8 @@ def test_every_key_is_an_option():
     ("dns: {upstreams: ['[::1']}\n", "dns.upstreams", "without a closing"),
     ("store: redis://127.0.0.1:6379\n", "store", "expected 'memory' or 'memcached://"),
     ("store: 'memcached://127.0.0.1:x'\n", "store", "port"),
+    ("store: 'memcached://10.0.0.300:11211'\n", "store", "not an IP address or a DNS name"),
+    ("store: 'memcached://bad name:11211'\n", "store", "not an IP address or a DNS name"),
     ("log: {format: xml}\n", "log.format", "expected one of text, json"),
     ("source: {kubeconfig: /nonexistent/kubeconfig}\n", "source.kubeconfig",
      "not a readable file"),
@@ -178,6 +180,9 @@ def test_context_needs_kubeconfig(manifests, capsys):
 def test_memcached_store(manifests):
     url = "memcached://127.0.0.1:11211,[::1]:11212"
     assert load(["--manifests", manifests, "--store", url])["store"] == url
+    # In a cluster, the memcached Service's name, resolved at each connection.
+    named = "memcached://contiv-memcached.contiv-system.svc:11211"
+    assert load(["--manifests", manifests, "--store", named])["store"] == named
 
 
 def test_manhole_needs_authorized_keys(manifests, capsys):
