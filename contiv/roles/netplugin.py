@@ -92,6 +92,11 @@ class NetpluginService(MultiService):
                 and self.datapath.applied_generation == read.generation
                 and self.names_in_sync)
 
+    def _store_problem(self) -> Optional[str]:
+        """Why the newest node share or name table could not be read, if it could not."""
+        names = self.names_reader
+        return self.reader.problem or (names.problem if names is not None else None)
+
     def status(self) -> dict[str, Any]:
         read = self.reader.state
         if self.datapath is None:
@@ -106,8 +111,14 @@ class NetpluginService(MultiService):
             state, detail = "applied", "the newest generation is confirmed by the bridge"
         elif self.datapath.last_error:
             state, detail = "bridge-error", self.datapath.last_error
+        elif self._store_problem() is not None:
+            # Not "applying": the store is down or incomplete, and the bridge
+            # keeps the last complete state read until it is whole again.
+            applied = self.datapath.applied_generation
+            state, detail = "store-error", self._store_problem() + (
+                f"; enforcing generation {applied}" if applied is not None else "")
         else:
-            state, detail = "applying", self.reader.problem or "a change is being applied"
+            state, detail = "applying", "a change is being applied"
         status = {
             "role": "netplugin",
             "node": self.node,
