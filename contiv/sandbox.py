@@ -168,11 +168,9 @@ class PrivateOVS:
             return
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not _alive(pid):
                 return
-            time.sleep(0.05)
+            time.sleep(0.02)
         os.kill(pid, signal.SIGKILL)
 
     def stop(self) -> None:
@@ -189,6 +187,20 @@ class PrivateOVS:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
             time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """
+    Whether C{pid} still runs. A detached daemon's parent is init, and an init
+    that reaps lazily (some container runtimes' take seconds) leaves it a
+    zombie: exited, its sockets closed, so as good as gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            # The state follows the command name, which is in parentheses.
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
 
 
 def available() -> Optional[str]:
