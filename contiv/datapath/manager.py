@@ -164,6 +164,15 @@ class DatapathManager:
             self.protocol = None
             self.applied_generation = None
 
+    def reinstall(self) -> Deferred:
+        """
+        Install the whole pipeline again as a new round, then delete the older
+        rounds, as after a reconnection: for an operator who distrusts what the
+        bridge holds (from the manhole). Traffic sees no gap.
+        """
+        self._fresh_connection = True
+        return self._kick()
+
     def update(self, state: Any) -> Deferred:
         """A newer complete node state from the store."""
         self.state = state

@@ -234,6 +234,19 @@ class NetmasterService(Service):
 
     # -- publishing
 
+    def republish(self) -> bool:
+        """
+        Publish everything again, at once (an operator who distrusts the
+        store, from the manhole). False on a standby: only the leader writes.
+        """
+        if not self.active or self._stopping:
+            return False
+        self._need_full = True
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._schedule(0)
+        return True
+
     def _schedule(self, delay: Optional[float] = None) -> None:
         """One publish per burst: events arriving within the delay share it."""
         if self._stopping or not self.active or \

@@ -192,6 +192,18 @@ class DatapathManagerTests(unittest.TestCase):
         self.assertNotIn(stale, self.switch.flows)
         self.assertEqual(self.switch.flows[foreign[0]], foreign[1])  # never touched
 
+    def test_reinstall_is_a_new_round_with_the_same_flows(self):
+        self.manager.update(state(1))
+        self.successResultOf(self.manager.connected(self.switch))
+        first = self.ours()
+        # A flow of ours that someone deleted by hand: the reinstall brings it back.
+        removed = next(iter(first))
+        del self.switch.flows[removed]
+        self.successResultOf(self.manager.reinstall())
+        self.assertEqual({round_of(c) for c, _ in self.ours().values()}, {2})
+        self.assertEqual(set(self.ours()), set(first))
+        self.assertEqual(self.manager.applied_generation, 1)
+
     def test_ovs_restart_reinstalls_everything(self):
         self.manager.update(state(1))
         self.successResultOf(self.manager.connected(self.switch))

@@ -135,6 +135,23 @@ class NetmasterTests(unittest.TestCase):
         self.assertIn(["10.0.0.3"], [[m.ip for m in g.members] for g in state.groups.values()])
         self.assertNotIn(group.key, state.groups)
 
+    def test_republish_writes_everything_again(self):
+        self.feed(namespace("default"), pod("web", "10.0.0.1", app="web"),
+                  policy("p", app="web"), Synced())
+        self.settle()
+        first = self.netmaster.published_generation
+        state = self.read()
+        # Entries gone from the store behind netmaster's back come back.
+        for key in self.store.keys():
+            if "/policy/" in key:
+                self.successResultOf(self.store.delete_many([key]))
+        self.assertTrue(self.netmaster.republish())
+        self.settle()
+        self.assertEqual(self.netmaster.published_generation, first + 1)
+        self.assertTrue(any("/policy/" in key for key in self.store.keys()))
+        again = self.read()
+        self.assertEqual(again.policies, state.policies)
+
     def test_invalid_policy_keeps_previous_version(self):
         self.feed(namespace("default"), pod("web", "10.0.0.1", app="web"),
                   policy("p", app="web"), Synced())
