@@ -142,6 +142,16 @@ def _cache_entries(value: Any) -> int:
     return value
 
 
+def _whole_range(low: int, high: int, what: str) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"expected {what} from {low} to {high}, got {value!r}")
+        return value
+    return parse
+
+
 def _listen_address(value: Any) -> tuple[str, int]:
     return parse_host_port(value)
 
@@ -338,6 +348,13 @@ KEYS: tuple[Key, ...] = (
     Key("dns.forward_cache", "dns-forward-cache", _cache_entries, "how many forwarded "
         "answers to keep for their TTL (at most 300 s); 0 turns the cache off", 10_000,
         metavar="ENTRIES"),
+    Key("dns.datapath_rate", "dns-datapath-rate", _whole_range(1, 1_000_000, "packets a "
+        "second"), "DNS queries a second the bridge hands netplugin, for the whole node (an "
+        "OpenFlow meter); queries above it are dropped by the bridge", 2000,
+        metavar="PPS"),
+    Key("dns.datapath_burst", "dns-datapath-burst", _whole_range(1, 1_000_000, "packets"),
+        "queries above dns.datapath_rate the meter lets through at once", 200,
+        metavar="PACKETS"),
     Key("dns.datapath", "dns-datapath", _boolean, "answer local pods' DNS queries to any "
         "resolver from the name table in the datapath (needs openflow.connect)", False,
         flag=True),

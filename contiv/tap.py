@@ -314,13 +314,15 @@ def build_netplugin(config: configuration.Config, reactor: Any, store: Any,
 
         settings = BridgeSettings(reactor, bridge_name(config), config["openflow.ovsdb"])
         intercept = dns is not None and dns.datapath
-        datapath = DatapathManager(reactor, settings, dns_intercept=intercept)
+        rate, burst = config["dns.datapath_rate"], config["dns.datapath_burst"]
+        datapath = DatapathManager(reactor, settings, dns_intercept=intercept,
+                                   dns_rate=rate, dns_burst=burst)
         on_packet_in = None
         if intercept:
             from contiv.dns.datapath import DnsInterceptor
 
             on_packet_in = DnsInterceptor(dns.answer_datapath, datapath,  # type: ignore
-                                          clock=reactor).packet_in
+                                          clock=reactor, rate=rate, burst=burst).packet_in
         client = OpenFlowClient(reactor, config["openflow.connect"],
                                 on_connect=datapath.connected, on_packet_in=on_packet_in)
     return NetpluginService(config["node"], store, clock=reactor,

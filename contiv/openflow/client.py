@@ -62,6 +62,7 @@ class OpenFlowClient(Service):
         self.clock = clock if clock is not None else reactor
         self.endpoint_description = endpoint_description
         self.on_connect = on_connect
+        self.on_packet_in = on_packet_in
         self.protocol: Optional[OpenFlowProtocol] = None
         self.connections = 0
         self.handshake_failures = 0

@@ -86,3 +86,19 @@ def test_netplugin_gets_the_names_and_the_tree_gets_the_server():
     server = root.getServiceNamed("dns")
     netplugin.on_names(TABLE)
     assert server.answerer.table is TABLE
+
+
+def test_datapath_interception_takes_the_configured_rate():
+    config = build_config(**{"dns.datapath": True, "openflow.connect": "unix:/tmp/br0.mgmt",
+                             "dns.datapath_rate": "500", "dns.datapath_burst": "50"})
+    netplugin = tap.build_netplugin(config, Clock(), None, tap.build_dns(config, Clock()))
+    manager = netplugin.datapath
+    assert manager.dns_intercept and (manager.dns_rate, manager.dns_burst) == (500, 50)
+    interceptor = netplugin.openflow_client.on_packet_in.__self__
+    assert (interceptor.limit.rate, interceptor.limit.burst) == (500, 50)
+
+
+def test_datapath_rate_must_be_positive():
+    with pytest.raises(configuration.ConfigError) as caught:
+        build_config(**{"dns.datapath_rate": "0"})
+    assert caught.value.key == "dns.datapath_rate"
