@@ -382,6 +382,8 @@ class NetmasterService(Service):
             self.engine.policies.keys(), [g.key for g in self.engine.groups.values()])
 
     def _check(self) -> Optional[Deferred]:
+        if self.standby and self.synced and not self._stopping:
+            return Deferred.fromCoroutine(self._follow_generation())
         if not self.synced or self._publishing is not None or self._stopping \
                 or self.published_generation is None or not self.active:
             return None
@@ -394,6 +396,14 @@ class NetmasterService(Service):
 
         # A failed check must not stop the LoopingCall.
         return d.addErrback(failed)
+
+    async def _follow_generation(self) -> None:
+        """A standby remembers the store's generation, to continue above it if it leads."""
+        try:
+            await self.publisher.observe_generation()
+        except Exception as error:
+            # Only a floor for a later takeover: the leader's problem to report.
+            self.log.debug("a standby could not read the generation: {error}", error=error)
 
     # -- reporting
 

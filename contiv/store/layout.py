@@ -238,6 +238,18 @@ class Publisher:
         """The keys of every published name (C{<kind>/<ns>/<name>})."""
         return {key for bucket in self._name_buckets for key in bucket}
 
+    async def observe_generation(self) -> Optional[int]:
+        """
+        The store's generation, read only and kept as the floor of our own: a
+        standby that takes over after the store lost its counter then still
+        continues above what readers have seen.
+        """
+        found = await self.store.get_many([self._gen_key])
+        value = self._stored_generation(found.get(self._gen_key))
+        if value is not None and value > self.generation:
+            self.generation = value
+        return value
+
     async def epoch_intact(self) -> bool:
         """
         False when the epoch this publisher wrote is not in the store (it never

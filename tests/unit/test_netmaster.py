@@ -389,6 +389,28 @@ class NetmasterWithElection(unittest.TestCase):
         self.assertIn("default/web2", [p.key for p in state.index.pods])
         self.assertEqual(leader.status()["state"], "standby")
 
+    def test_a_standby_continues_above_what_readers_saw_if_the_store_lost_the_count(self):
+        leader, _ = self.start("a")
+        self.settle(1)
+        standby, _ = self.start("b")
+        self.settle(1)
+        for _ in range(3):  # the leader publishes a few generations
+            leader.republish()
+            self.settle()
+        seen = self.generation()
+        self.clock.advance(1.0)  # the standby's check reads it
+        self.assertEqual(standby.publisher.generation, seen)
+        # The leader goes, and memcached loses everything at the same time.
+        self.successResultOf(leader.stopService())
+        self.successResultOf(self.store.delete_many(self.store.keys()))
+        for _ in range(100):
+            self.clock.advance(0.05)
+            if standby.active:
+                break
+        self.assertTrue(standby.active)
+        self.settle(0.5)
+        self.assertGreater(self.generation(), seen)
+
     def test_losing_the_lease_cuts_off_a_publish_in_flight(self):
         leader, stream = self.start("a")
         self.settle(1)
