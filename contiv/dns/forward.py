@@ -261,6 +261,16 @@ class Forwarder:
         on overflow; None: drop) is returned as it is, not in a Deferred: a
         cache hit is the forwarding path's hot path.
         """
+        now = self.clock.seconds()
+        if self.cache_size:
+            # The cache first, keyed without decoding the question: most
+            # queries are one uncompressed question, and a hit is the hot path.
+            quick = _quick_cache_key(query, tcp)
+            if quick is not None:
+                cached = self._from_cache(quick[0], query, quick[1], now)
+                if cached is not None:
+                    self.counts["cache_hit"] += 1
+                    return cached
         try:
             wire.read_header(query)
             question = wire.read_question(query)
@@ -268,12 +278,9 @@ class Forwarder:
         except wire.WireError:
             return (wire.error_response(query, wire.FORMERR)
                     if len(query) >= wire.HEADER_SIZE else None)
-        now = self.clock.seconds()
         cache_key = None
         if self.cache_size:
-            # The flags and the OPT shape the reply (DO, sizes): only the same
-            # kind of query may share a cached reply.
-            cache_key = (question_key, query[2:4], query[4:12], query[question.end:], tcp)
+            cache_key = _cache_key(question_key, query, question.end, tcp)
             cached = self._from_cache(cache_key, query, question.end, now)
             if cached is not None:
                 self.counts["cache_hit"] += 1
@@ -418,25 +425,63 @@ class Forwarder:
         while len(self._cache) >= self.cache_size:
             # Oldest first: dicts keep insertion order.
             del self._cache[next(iter(self._cache))]
-        self._cache[key] = (data, offsets, now, now + ttl)
+        # The last element: the reply with its TTLs counted down, and for how
+        # many whole seconds since it was stored, rebuilt once a second at most.
+        self._cache[key] = (data, offsets, now, now + ttl, [0, data])
 
     def _from_cache(self, key: tuple, query: bytes, question_end: int,
                     now: float) -> Optional[bytes]:
         cached = self._cache.get(key)
         if cached is None:
             return None
-        data, offsets, stored, expires = cached
+        data, offsets, stored, expires, aged = cached
         if now >= expires:
             del self._cache[key]
             return None
-        reply = bytearray(data)
-        # The client's ID and its question's case (same length: the key says so).
-        reply[0:2] = query[0:2]
-        reply[wire.HEADER_SIZE:question_end] = query[wire.HEADER_SIZE:question_end]
         elapsed = int(now - stored)
-        for offset, ttl in offsets:
-            struct.pack_into("!I", reply, offset, max(0, ttl - elapsed))
-        return bytes(reply)
+        if aged[0] != elapsed:
+            reply = bytearray(data)
+            for offset, ttl in offsets:
+                struct.pack_into("!I", reply, offset, max(0, ttl - elapsed))
+            aged[0], aged[1] = elapsed, bytes(reply)
+        body = aged[1]
+        # The client's ID and its question's case (same length: the key says so).
+        return query[:2] + body[2:wire.HEADER_SIZE] + query[wire.HEADER_SIZE:question_end] \
+            + body[question_end:]
+
+
+def _cache_key(question_key: bytes, query: bytes, question_end: int, tcp: bool) -> tuple:
+    # The flags and the OPT shape the reply (DO, sizes): only the same kind of
+    # query may share a cached reply.
+    return (question_key, query[2:4], query[4:12], query[question_end:], tcp)
+
+
+def _quick_cache_key(query: bytes, tcp: bool) -> Optional[tuple[tuple, int]]:
+    """
+    (the cache key, the question's end) of a query with one question whose
+    name has no compression pointer, found without decoding it; None for
+    anything else (the full parse decides). Equal to L{_cache_key} of the
+    decoded question.
+    """
+    if query[4:6] != b"\x00\x01":
+        return None
+    position = wire.HEADER_SIZE
+    try:
+        while True:
+            length = query[position]
+            if length == 0:
+                break
+            if length & 0xC0:
+                return None
+            position += length + 1
+    except IndexError:
+        return None
+    name_end = position + 1
+    question_end = name_end + 4
+    if question_end > len(query):
+        return None
+    question_key = query[wire.HEADER_SIZE:name_end].lower() + query[name_end:question_end]
+    return _cache_key(question_key, query, question_end, tcp), question_end
 
 
 def _cacheable(data: bytes) -> Optional[tuple[int, tuple[tuple[int, int], ...]]]:

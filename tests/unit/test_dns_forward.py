@@ -9,12 +9,14 @@ import random
 import socket
 from typing import Callable, Optional
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import protocol, reactor, task
 from twisted.names import dns
 from twisted.protocols.basic import Int16StringReceiver
 from twisted.trial import unittest
 
-from contiv.dns import wire
+from contiv.dns import forward, wire
 from contiv.dns.forward import Forwarder, parse_resolv_conf, system_upstreams
 
 Handler = Callable[[dns.Message], Optional[list]]
@@ -371,3 +373,31 @@ def test_system_upstreams_reads_a_file(tmp_path):
         ("192.0.2.53", 53),)
 
 
+
+
+_LABEL = st.text(alphabet="abcXYZ-09", min_size=1, max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(labels=st.lists(_LABEL, min_size=1, max_size=5),
+       qtype=st.sampled_from([dns.A, dns.AAAA, dns.SRV, dns.MX, 65]),
+       edns=st.booleans(), tcp=st.booleans())
+def test_the_quick_cache_key_is_the_decoded_questions_key(labels, qtype, edns, tcp):
+    """The cache is read with a key found without decoding: it must be the same key."""
+    message = dns.Message(id=99, recDes=1)
+    message.queries = [dns.Query(".".join(labels), qtype)]
+    if edns:
+        message.additional = [dns._OPTHeader(udpPayloadSize=1232)]
+    query = message.toStr()
+    question = wire.read_question(query)
+    slow = forward._cache_key(wire.question_key(query, question), query, question.end, tcp)
+    assert forward._quick_cache_key(query, tcp) == (slow, question.end)
+
+
+def test_the_quick_cache_key_leaves_odd_queries_to_the_parser():
+    message = dns.Message(id=1)
+    message.queries = [dns.Query("a.example", dns.A), dns.Query("b.example", dns.A)]
+    assert forward._quick_cache_key(message.toStr(), False) is None  # two questions
+    assert forward._quick_cache_key(b"\x00\x01\x00\x00\x00\x01", False) is None  # cut short
+    pointer = bytes(12) + b"\xc0\x0c" + b"\x00\x01\x00\x01"
+    assert forward._quick_cache_key(b"\x00\x01\x00\x00\x00\x01" + pointer[6:], False) is None
