@@ -333,7 +333,8 @@ KEYS: tuple[Key, ...] = (
     Key("openflow.connect", "openflow", _endpoint_checker("client"), "Twisted client "
         "endpoint of the OVS bridge, e.g. unix:/var/run/openvswitch/br0.mgmt", metavar="EP"),
     Key("openflow.bridge", "bridge", _string, "the OVS bridge's name (default: from "
-        "openflow.connect's management socket, br0.mgmt -> br0)", metavar="NAME"),
+        "openflow.connect's management socket, br0.mgmt -> br0; for another endpoint, the "
+        "bridge OVSDB lists with the datapath id the switch reports)", metavar="NAME"),
     Key("openflow.ovsdb", "ovsdb", _string, "OVSDB server for the bridge's settings, as "
         "ovs-vsctl --db takes it (default: ovs-vsctl's own)", metavar="DB"),
     Key("dns.listen", "dns-listen", _listen_address, "host:port for the DNS server "
@@ -480,11 +481,6 @@ def check_consistency(values: Mapping[str, Any]) -> None:
     if len(sources) > 1:
         raise ConfigError(sources[1], f"only one source may be set, but {', '.join(sources)} "
                           "are")
-    if values.get("openflow.connect") and not values.get("openflow.bridge"):
-        try:
-            bridge_from_endpoint(values["openflow.connect"])
-        except ValueError as e:
-            raise ConfigError("openflow.bridge", str(e)) from None
     if not sources and values.get("role") in ("netmaster", "all"):
         raise ConfigError("source.manifests", "netmaster needs a source of cluster objects: "
                           "set source.manifests, source.kubeconfig or source.in_cluster")

@@ -331,11 +331,17 @@ def build_netplugin(config: configuration.Config, reactor: Any, store: Any,
                             on_names=dns.set_table if dns is not None else None)
 
 
-def bridge_name(config: configuration.Config) -> str:
-    """openflow.bridge, or the name in the management socket's path (br0.mgmt -> br0)."""
+def bridge_name(config: configuration.Config) -> Optional[str]:
+    """
+    openflow.bridge, or the name in the management socket's path (br0.mgmt ->
+    br0); None for another endpoint (tcp:...): found from the datapath id.
+    """
     if config["openflow.bridge"]:
         return config["openflow.bridge"]
-    return configuration.bridge_from_endpoint(config["openflow.connect"])
+    try:
+        return configuration.bridge_from_endpoint(config["openflow.connect"])
+    except ValueError:
+        return None
 
 
 def build_http(config: configuration.Config, reactor: Any, root: ContivService) -> Any:

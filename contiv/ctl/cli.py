@@ -149,7 +149,10 @@ class Settings:
         if not get("bridge") and connect:
             from contiv.config import bridge_from_endpoint
 
-            self.bridge = self.bridge or bridge_from_endpoint(connect)
+            try:
+                self.bridge = self.bridge or bridge_from_endpoint(connect)
+            except ValueError:
+                pass  # a tcp: endpoint names no bridge: --bridge then
             # The management socket sits in OVS's run directory: the same
             # directory ovs-ofctl and ovs-appctl must look in.
             if "OVS_RUNDIR" not in self.env and connect.startswith("unix:"):

@@ -224,6 +224,7 @@ class DatapathManager:
     async def _install_round(self, protocol: Any, state: Any) -> None:
         ours = await protocol.flow_stats(cookie=MARK, cookie_mask=MARK_MASK)
         rounds = {round_of(stats.cookie) for stats in ours}
+        await self.settings.identify(getattr(protocol, "datapath_id", None))
         await self.settings.secure()
         self.round = await self.settings.next_round(max(rounds, default=0) or 0)
         if self.dns_intercept:

@@ -22,8 +22,12 @@ class OvsdbError(Exception):
 class BridgeSettings:
     log = Logger()
 
-    def __init__(self, reactor: Any, bridge: str, db: Optional[str] = None,
+    def __init__(self, reactor: Any, bridge: Optional[str], db: Optional[str] = None,
                  vsctl: str = "ovs-vsctl", env: Optional[dict] = None):
+        """
+        C{bridge}: the bridge's name, or None: the bridge whose datapath id
+        the OpenFlow connection reports (see L{identify}).
+        """
         self.reactor = reactor
         self.bridge = bridge
         self.db = db
@@ -38,6 +42,28 @@ class BridgeSettings:
             raise OvsdbError(f"ovs-vsctl {' '.join(args)} failed ({code}): "
                              f"{err.decode(errors='replace').strip()}")
         return out.decode().strip()
+
+    async def identify(self, datapath_id: Optional[int]) -> str:
+        """
+        The bridge's name: the configured one, or the one OVSDB lists with the
+        datapath id the switch reported (an OpenFlow endpoint such as
+        tcp:127.0.0.1:6653 does not name its bridge, as a management socket does).
+        """
+        if self.bridge is not None:
+            return self.bridge
+        if datapath_id is None:
+            raise OvsdbError("the switch reported no datapath id: set openflow.bridge")
+        wanted = f"{datapath_id:016x}"
+        names = (await self._run("--bare", "--columns=name", "find", "Bridge",
+                                 f'datapath_id="{wanted}"')).split()
+        if len(names) != 1:
+            raise OvsdbError(f"OVSDB has {len(names) or 'no'} bridges with datapath id "
+                             f"{wanted}{': ' + ', '.join(names) if names else ''}: set "
+                             "openflow.bridge")
+        self.bridge = names[0]
+        self.log.info("the OpenFlow connection is to bridge {bridge} (datapath {dpid})",
+                      bridge=self.bridge, dpid=wanted)
+        return self.bridge
 
     async def secure(self) -> None:
         """fail-mode=secure: if contiv is gone, OVS keeps enforcing the installed flows."""

@@ -7,6 +7,7 @@ manifests directory, and real TCP, UDP and ICMP between the pods.
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import tempfile
@@ -16,9 +17,10 @@ import pytest
 
 from contiv.ctl.ovs import parse_trace, trace_args, trace_spec
 from tests.support import ovs as ovs_support
+from tests.support.ovs import run
 from tests.support.k8s_semantics import connection_allowed, manifest_objects
 from tests.support.ovs_node import PODS, Node, ip
-from tests.support.processes import http_get, wait_for
+from tests.support.processes import free_port, http_get, wait_for
 from tests.support.traffic import Pinger, connects, pings
 
 pytestmark = pytest.mark.integration
@@ -165,3 +167,31 @@ def test_dns_answered_in_the_datapath_by_the_daemon(node):
                      body.decode()), body.decode()
     assert re.search(r'contiv_dns_datapath_packet_ins_total\{result="miss"\} [1-9]',
                      body.decode()), body.decode()
+
+
+def test_tcp_openflow_endpoint_finds_its_bridge_by_datapath_id(node):
+    """--openflow tcp:HOST:PORT names no bridge: OVSDB's datapath_id does."""
+    # ovs-vswitchd runs in the sandbox's own network namespace: a link into it
+    # gives the bridge's controller listener an address this host reaches.
+    netns, tag = node.ovs.switch_netns, node.ovs.tag
+    subnet = f"169.254.{random.randrange(1, 255)}"
+    run(["ip", "link", "add", f"h{tag}", "type", "veth", "peer", "name", f"s{tag}",
+         "netns", netns])
+    run(["ip", "addr", "add", f"{subnet}.1/30", "dev", f"h{tag}"])
+    run(["ip", "link", "set", f"h{tag}", "up"])
+    run(["ip", "netns", "exec", netns, "ip", "addr", "add", f"{subnet}.2/30", "dev", f"s{tag}"])
+    run(["ip", "netns", "exec", netns, "ip", "link", "set", f"s{tag}", "up"])
+    port = free_port()
+    # The bridge listens for its controller (passive), as DESIGN's example endpoint expects.
+    node.ovs.vsctl("set-controller", node.ovs.bridge, f"ptcp:{port}:{subnet}.2")
+    node.ovs.vsctl("set", "controller", node.ovs.bridge, "connection-mode=out-of-band")
+    node.start_daemon("--openflow", f"tcp:{subnet}.2:{port}")
+    status = node.ready()
+    assert status["roles"]["netplugin"]["state"] == "applied"
+    round_ = node.ovs.vsctl("get", "bridge", node.ovs.bridge, "external_ids:contiv-round")
+    assert round_.strip('"') == str(status["roles"]["netplugin"]["datapath"]["round"])
+    assert node.ovs.vsctl("get", "bridge", node.ovs.bridge, "fail_mode") == "secure"
+    p = node.pods
+    assert connects(p["client"], ip("web"), 80)
+    assert not connects(p["client"], ip("db"), 5432)
+    assert f"to bridge {node.ovs.bridge}" in open(node.log).read()

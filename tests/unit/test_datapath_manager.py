@@ -103,6 +103,9 @@ class FakeSettings:
         self.secured += 1
         return succeed(None)
 
+    def identify(self, datapath_id):
+        return succeed("br0")
+
     def next_round(self, seen=0):
         self.round = max(self.round, seen) + 1
         return succeed(self.round)
