@@ -190,6 +190,7 @@ class Publisher:
         # verify() take entries out so that the next publish rewrites them.
         self._written: set[str] = set()
         self._index_chunks: dict[str, int] = {}  # node -> chunks of its index as written
+        self._current_chunks: dict[str, int] = {}  # group id -> chunks of group/<id>
         self._unreferenced_since: dict[str, float] = {}
         # node -> (the pods tuple last encoded, its canonical JSON); likewise
         # for the policy ids, which change far less often than group keys
@@ -357,6 +358,31 @@ class Publisher:
             index_chunks[index.node] = count
             stale_chunks.extend(f"{self.key(name)}/{i}" for i in range(count, before))
 
+        # group/<id>: the current version in place, as the documented layout
+        # names a group (node indexes name ids). netplugin reads the immutable
+        # version the map names instead, which no publish can tear.
+        current_chunks: dict[str, int] = {}
+        for group in groups:
+            items = self._encode_bytes(group_name(group.id), group.canonical)
+            indexes.update(items)
+            count = len(items) - 1 if len(items) > 1 else 0
+            current_chunks[group.id] = count
+            key = self.key(group_name(group.id))
+            stale_chunks.extend(f"{key}/{i}"
+                                for i in range(count, self._current_chunks.get(group.id, 0)))
+        gone_ids = set(removed_groups)
+        if full:
+            # The given groups are the whole map: any other id this publisher
+            # wrote (or adopted) is gone.
+            gone_ids |= set(self._current_chunks) - {group.id for group in groups}
+        for group_id in sorted(gone_ids):
+            if group_id in current_chunks:
+                continue
+            key = self.key(group_name(group_id))
+            emptied.extend([key] + [f"{key}/{i}"
+                                    for i in range(self._current_chunks.get(group_id, 0))])
+            current_chunks[group_id] = 0
+
         bucket_names = list(self._bucket_names)
         for number in sorted(changed):
             data = canonical_json({"groups": bucket_groups[number],
@@ -399,6 +425,10 @@ class Publisher:
         if indexes:
             await self.store.set_many(indexes)
         self._index_chunks.update(index_chunks)
+        self._current_chunks.update(current_chunks)
+        for group_id in gone_ids:
+            if not current_chunks.get(group_id):
+                self._current_chunks.pop(group_id, None)
         # The commit point: a reader that has this root finds the indexes it dates.
         # Never chunked (its size is bounded by the bucket count), so that a
         # reader gets the whole root or the previous one.
@@ -448,7 +478,11 @@ class Publisher:
         for key, doc in buckets.items():
             if isinstance(doc, dict) and key.startswith(self.key(GROUP_MAP + "/")):
                 names.update(group_name(k) for k in dict(doc.get("groups", {})).values())
+                for group_id in dict(doc.get("groups", {})):
+                    # Its group/<id> too, so that a full publish without it deletes it.
+                    self._current_chunks.setdefault(group_id, 0)
                 nodes.update(dict(doc.get("nodes", {})))
+        await self._adopt_current_chunks()
         indexes, _ = await fetch_documents(
             self.store, [self.key(node_name(n)) for n in sorted(nodes)])
         for doc in indexes.values():
@@ -465,6 +499,22 @@ class Publisher:
             self.log.info("adopted {count} store entries and {nodes} node indexes an "
                           "earlier publisher left", count=len(adopted), nodes=len(nodes))
         return len(adopted)
+
+    async def _adopt_current_chunks(self) -> None:
+        """How many chunks each adopted group/<id> has: their headers say."""
+        unknown = [group_id for group_id, count in self._current_chunks.items() if not count]
+        if not unknown:
+            return
+        found = await self.store.get_many([self.key(group_name(i)) for i in unknown])
+        for group_id in unknown:
+            raw = found.get(self.key(group_name(group_id)))
+            if raw is None or not raw.startswith(b'{"chunked"'):
+                continue
+            try:
+                count = int(json.loads(raw)["chunked"]["count"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            self._current_chunks[group_id] = count
 
     async def collect_garbage(self, live_policy_ids: Iterable[str],
                               live_group_keys: Iterable[str]) -> int:

@@ -17,7 +17,7 @@ from contiv.policy.types import (INGRESS, CompiledPolicy, Group, LocalPod, Membe
 from contiv.store import InvalidKey, StoreError, StoreUnavailable
 from contiv.dns.names import NXDOMAIN, POD, SVC, NameEntry
 from contiv.store.layout import (DEFAULT_BUCKETS, NameReader, NodeState, Publisher, Reader,
-                                 bucket_of)
+                                 bucket_of, fetch_documents)
 from contiv.store.memory import MemoryStore
 
 
@@ -396,8 +396,9 @@ class OrderingTests(LayoutTestCase):
         self.publish(full=True)
         writes = self.store.writes()
         self.assertEqual(writes[-1], ("incr", "contiv/gen"))
-        kinds = [("entries" if any("/group/" in k or "/policy/" in k for k in a) else
-                  "indexes" if any("/node/" in k for k in a) else a)
+        # The indexes go with each group's current version in place (group/<id>).
+        kinds = [("indexes" if any("/node/" in k for k in a) else
+                  "entries" if any("/group/" in k or "/policy/" in k for k in a) else a)
                  for n, a in writes if n == "set_many"]
         self.assertEqual(kinds, ["entries", "indexes", ["contiv/groupmap", "contiv/names"],
                                  ["contiv/epoch"]])
@@ -578,8 +579,11 @@ class GarbageTests(LayoutTestCase):
         self.assertTrue(named)
         for policy_id in named:
             self.assertNotIn(f"contiv/policy/{policy_id}", left)
+        # The versions it uses, and their ids' current copies; the big
+        # group's current copy went with the full publish that dropped it.
         self.assertEqual(sorted(k for k in left if k.startswith("contiv/group/")),
-                         sorted(f"contiv/group/{g.key}" for g in used))
+                         sorted([f"contiv/group/{g.key}" for g in used]
+                                + [f"contiv/group/{g.id}" for g in used]))
         # The earlier buckets went too: only the successor's map is left.
         buckets = {k for k in left if k.startswith("contiv/groupmap/")}
         self.assertEqual(buckets, {f"contiv/{name}" for name in successor.live_buckets()
@@ -713,14 +717,37 @@ class GroupMapTests(LayoutTestCase):
         self.reader = Reader(self.store, "n1")
         self.first = self.poll(self.reader)
 
+    def design_read(self, node: str) -> dict:
+        """What a tool following DESIGN's layout reads: node/<node>, then group/<id>."""
+        index, _ = self.run_(fetch_documents(self.store, [f"contiv/node/{node}"]))
+        ids = index[f"contiv/node/{node}"]["index"]["groups"]
+        groups, missing = self.run_(fetch_documents(self.store,
+                                                    [f"contiv/group/{i}" for i in ids]))
+        self.assertEqual(missing, {})
+        # A member is [ip, pod, named ports].
+        return {doc["id"]: sorted(m[0] for m in doc["members"]) for doc in groups.values()}
+
+    def test_group_ids_of_an_index_name_their_current_members(self) -> None:
+        ips = lambda group: sorted(m.ip for m in group.members)  # noqa: E731
+        used = {g.id: ips(g) for g in self.groups if g.key in self.indexes[0].groups}
+        self.assertEqual(self.design_read("n1"), used)
+        changed = make_group(1, members=7)
+        self.publish(groups=[changed], nodes=[])
+        self.assertEqual(self.design_read("n1")[changed.id], ips(changed))
+        # A group no index uses any longer is gone, chunks and all.
+        self.publish(groups=[], nodes=[], removed_groups=[changed.id])
+        self.assertNotIn(f"contiv/group/{changed.id}", self.memory.keys())
+
     def test_a_group_version_change_rewrites_one_bucket_and_the_root_only(self) -> None:
         changed = make_group(1, members=7)
         groups = [changed if g.id == changed.id else g for g in self.groups]
         del self.store.calls[:]
         self.publish(groups=[changed], nodes=[])
         written = [k for n, a in self.store.writes() if n == "set_many" for k in a]
+        # The new version, the group's current copy (group/<id>), its bucket, the root.
         self.assertEqual(sorted(k.split("/")[1] for k in written),
-                         ["group", "groupmap", "groupmap"])
+                         ["group", "group", "groupmap", "groupmap"])
+        self.assertIn(f"contiv/group/{changed.id}", written)
         # Both nodes use the group and see its new version, though no index changed.
         for index in self.indexes:
             state = self.poll(Reader(self.store, index.node))
