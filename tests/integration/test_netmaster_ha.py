@@ -147,6 +147,16 @@ class NetmasterHighAvailability(unittest.TestCase):
     def lease(self) -> dict:
         return self.api.leases[(NAMESPACE, LEASE)]
 
+    async def holder(self, timeout: float = 30) -> str:
+        """Who holds the Lease, once someone does (both may still be on their first try)."""
+        deadline = reactor.seconds() + timeout
+        while reactor.seconds() < deadline:
+            lease = self.api.leases.get((NAMESPACE, LEASE))
+            if lease and lease["spec"].get("holderIdentity"):
+                return lease["spec"]["holderIdentity"]
+            await sleep(0.05)
+        raise AssertionError("nobody took the Lease")
+
     async def converge(self, reader: Reader, predicate, what: str, timeout: float = 20):
         return await converge(reader, predicate, what, timeout, 0.05)
 
@@ -174,12 +184,15 @@ class NetmasterHighAvailability(unittest.TestCase):
         # -- exactly one publishes, the other is a ready standby naming it
         await self.when(a, lambda s: s["state"] in ("published", "standby"), "a settled")
         await self.when(b, lambda s: s["state"] in ("published", "standby"), "b settled")
-        leader = by_name[self.lease()["spec"]["holderIdentity"]]
+        leader = by_name[await self.holder()]
         standby = b if leader is a else a
         leader_status = await self.when(leader, lambda s: s["state"] == "published",
                                         "the leader's publish")
-        standby_status = await self.when(standby, lambda s: s["state"] == "standby",
-                                         "the standby")
+        # Ready once its first read of the Lease is back (before that it says
+        # "reading the Lease" and is not ready: it cannot yet take over).
+        standby_status = await self.when(
+            standby, lambda s: s["state"] == "standby" and s["election"]["holder"],
+            "the standby to read the Lease")
         self.assertTrue(standby_status["in_sync"], standby_status)
         self.assertEqual(standby_status["http_code"], 200)
         self.assertIn(f"held by {leader.name}", standby_status["detail"])
@@ -285,7 +298,7 @@ class NetmasterHighAvailability(unittest.TestCase):
         by_name = {c.name: c for c in (a, b)}
         await self.when(a, lambda s: s["state"] in ("published", "standby"), "a settled")
         await self.when(b, lambda s: s["state"] in ("published", "standby"), "b settled")
-        leader = by_name[self.lease()["spec"]["holderIdentity"]]
+        leader = by_name[await self.holder()]
         await self.when(leader, lambda s: s["state"] == "published", "the leader's publish")
         reader = Reader(self.store, node)
         await self.converge(reader, lambda s: len(s.policies) >= 1, "the policies")
