@@ -162,6 +162,8 @@ class LeaderElector:
         self._next: Any = None
         self._deadline: Any = None
         self._attempt: Optional[Deferred] = None
+        # When the other holder's Lease runs out by our clock, if it is not renewed.
+        self._expires_at: Optional[float] = None
 
     # -- what others read
 
@@ -229,8 +231,13 @@ class LeaderElector:
             return
         if self.leader:
             self._schedule(self.retry_period)
-        else:
-            self._schedule(self.retry_period * (1 + self._random() * JITTER))
+            return
+        delay = self.retry_period * (1 + self._random() * JITTER)
+        if outcome == STANDBY and self._expires_at is not None:
+            # Try again the moment the holder's Lease runs out, not up to a
+            # retry period later: a takeover within the lease duration.
+            delay = min(delay, max(0.0, self._expires_at - self.clock.seconds()))
+        self._schedule(delay)
 
     def _failed(self, failure: Any, attempt: Deferred) -> None:
         if attempt is not self._attempt:
@@ -257,7 +264,8 @@ class LeaderElector:
                 if self.leader:
                     return TAKEN
                 assert self.observed_time is not None
-                if now < self.observed_time + duration:
+                self._expires_at = self.observed_time + duration
+                if now < self._expires_at:
                     return STANDBY
             same = holder == self.identity
             new_spec = {
