@@ -357,25 +357,45 @@ class LeaderElector:
     async def _release(self) -> None:
         """Give the Lease up, so that a standby takes it at its next attempt."""
         lease = self.observed
-        spec = (lease or {}).get("spec") or {}
-        if lease is None or spec.get("holderIdentity") != self.identity:
+        for attempt in (1, 2):
+            spec = (lease or {}).get("spec") or {}
+            if lease is None or spec.get("holderIdentity") != self.identity:
+                return
+            now = self.clock.seconds()
+            released = dict(lease, spec={
+                "holderIdentity": "", "leaseDurationSeconds": 1,
+                "acquireTime": micro_time(now), "renewTime": micro_time(now),
+                "leaseTransitions": spec.get("leaseTransitions") or 0})
+            try:
+                written = await self._bounded(self.api.update(released))
+            except ApiError as e:
+                if e.code == 409 and attempt == 1:
+                    # A renewal cancelled on our side still reached the server
+                    # and moved the resourceVersion: read it again, release that.
+                    try:
+                        lease = await self._bounded(self.api.get())
+                    except Exception as error:
+                        e = error  # type: ignore[assignment]
+                    else:
+                        continue
+                self._release_failed(e)
+                return
+            except Exception as e:
+                self._release_failed(e)
+                return
+            self._observe(written, now)
+            self.log.info("released the Lease {lease}", lease=self.api.description)
             return
-        now = self.clock.seconds()
-        released = dict(lease, spec={
-            "holderIdentity": "", "leaseDurationSeconds": 1,
-            "acquireTime": micro_time(now), "renewTime": micro_time(now),
-            "leaseTransitions": spec.get("leaseTransitions") or 0})
-        update = defer.ensureDeferred(self.api.update(released))
-        update.addTimeout(min(self.renew_deadline, 5.0), self.clock)
-        try:
-            written = await update
-        except Exception as e:
-            # Not fatal: the others take over once the lease duration passed.
-            self.log.warn("could not release the Lease {lease}: {error}",
-                          lease=self.api.description, error=e)
-            return
-        self._observe(written, now)
-        self.log.info("released the Lease {lease}", lease=self.api.description)
+
+    def _bounded(self, request: Any) -> Deferred:
+        """A release must not hold the shutdown up for long."""
+        return defer.ensureDeferred(request).addTimeout(min(self.renew_deadline, 5.0),
+                                                       self.clock)
+
+    def _release_failed(self, error: Exception) -> None:
+        # Not fatal: the others take over once the lease duration has passed.
+        self.log.warn("could not release the Lease {lease}: {error}",
+                      lease=self.api.description, error=error)
 
     def _cancel_timers(self) -> None:
         for call in (self._next, self._deadline):

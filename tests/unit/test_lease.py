@@ -252,6 +252,21 @@ def test_release_on_stop_lets_a_standby_take_over_at_once():
     b.stop()
 
 
+def test_release_after_a_renewal_that_reached_the_server_unseen():
+    """A renewal cancelled on our side may still have been written: release that one."""
+    clock, api = Clock(), MemoryLeases()
+    a = Candidate(api, "a", clock)
+    a.start()
+    advance(clock, 1)
+    assert a.elector.leader
+    # The server has a newer version of our Lease than the elector last saw.
+    api._store("update", copy.deepcopy(api.lease))
+    a.stop()
+    method, spec = api.writes[-1]
+    assert method == "update" and spec["holderIdentity"] == ""
+    assert spec["leaseDurationSeconds"] == 1
+
+
 def test_stopping_a_standby_releases_nothing():
     clock, api = Clock(), MemoryLeases()
     api.renew_as("other", 0)
