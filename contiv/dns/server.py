@@ -16,6 +16,7 @@ from twisted.application.service import Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
 from twisted.protocols.policies import TimeoutMixin
@@ -202,15 +203,14 @@ class DnsServerService(Service):
 
     async def _start(self) -> None:
         try:
-            # Twisted has no UDP endpoint (endpoints are for streams): listenUDP it is.
-            self.udp_port = self.reactor.listenUDP(self.port, _UdpServer(self),
-                                                   interface=self.host)
-            self._grow_buffers(self.udp_port)
-            port = self.udp_port.getHost().port  # the one chosen, when asked for 0
-            description = f"tcp{'6' if ':' in self.host else ''}:{port}:" \
-                          f"interface={_escape(self.host)}"
-            self.tcp_port = await serverFromString(self.reactor, description).listen(
-                _TcpFactory(self))
+            # Asked for any port (0): the one UDP gets may be taken for TCP (by
+            # some connection's local end); then another pair is tried.
+            for _ in range(1 if self.port else 20):
+                port = await self._listen()
+                if port is not None:
+                    break
+            else:
+                port = await self._listen(last=True)
             await self.forwarder.start()
         except Exception as error:
             await self._stop()
@@ -219,6 +219,27 @@ class DnsServerService(Service):
         self.log.info("DNS server on {host}:{port} (UDP and TCP), forwarding to "
                       "{upstreams}", host=self.host, port=port,
                       upstreams=", ".join(f"{h}:{p}" for h, p in self.forwarder.upstreams))
+
+    async def _listen(self, last: bool = False) -> Optional[int]:
+        """UDP and TCP on one port: the port, or None (any port was asked for,
+        and the one UDP got is taken for TCP: try again)."""
+        # Twisted has no UDP endpoint (endpoints are for streams): listenUDP it is.
+        self.udp_port = self.reactor.listenUDP(self.port, _UdpServer(self),
+                                               interface=self.host)
+        self._grow_buffers(self.udp_port)
+        port = self.udp_port.getHost().port  # the one chosen, when asked for 0
+        description = f"tcp{'6' if ':' in self.host else ''}:{port}:" \
+                      f"interface={_escape(self.host)}"
+        try:
+            self.tcp_port = await serverFromString(self.reactor, description).listen(
+                _TcpFactory(self))
+        except CannotListenError:
+            if self.port or last:
+                raise
+            udp, self.udp_port = self.udp_port, None
+            await _maybe(udp.stopListening())
+            return None
+        return port
 
     def _grow_buffers(self, port: Any) -> None:
         # A burst of queries while the reactor is busy elsewhere (a table

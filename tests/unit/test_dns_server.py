@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 from twisted.names import dns
 from twisted.protocols.basic import Int16StringReceiver
+from twisted.internet.error import CannotListenError
 from twisted.trial import unittest
 
 from contiv.dns.answer import Answerer
@@ -226,6 +227,33 @@ class ServerTests(unittest.TestCase):
             self.assertIn(str(port), str(caught.exception))
             self.assertIsNone(server.udp_port)
             self.assertEqual(forwarder._protocols, [])
+
+
+    async def test_any_port_taken_for_tcp_only_is_tried_again(self):
+        """Port 0: UDP's pick may be some TCP socket's local port; another pair is found."""
+        from contiv.dns import server as server_module
+
+        real = server_module.serverFromString
+        refused = []
+
+        def first_refused(reactor_, description):
+            endpoint = real(reactor_, description)
+            if refused:
+                return endpoint
+
+            class Taken:
+                def listen(self, factory):
+                    refused.append(description)
+                    raise CannotListenError("127.0.0.1", 0, OSError(98, "in use"))
+            return Taken()
+
+        self.patch(server_module, "serverFromString", first_refused)
+        await self.start()
+        self.assertEqual(len(refused), 1)
+        host, port = self.server.address
+        self.assertEqual(self.server.tcp_port.getHost().port, port)
+        reply = await self.udp(query(b"web"))
+        self.assertTrue(reply.answers)
 
 
 def test_endpoint_escaping():
