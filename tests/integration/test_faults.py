@@ -291,8 +291,10 @@ def test_netplugin_restarted_while_the_store_is_down_keeps_the_flows(deployment)
         d.netplugin.start()
 
         def connected_and_waiting():
+            # Its first read of the store has to time out before it can say why.
             status = out_of_sync(d.netplugin)
-            return status if status and status["datapath"]["connected"] else None
+            return status if status and status["datapath"]["connected"] \
+                and "store unavailable" in status["detail"] else None
         status = wait_for(connected_and_waiting, 20,
                           "the new netplugin to connect to the bridge and say why it waits")
         assert status["state"] == "waiting-for-store", status
