@@ -126,30 +126,21 @@ def parse_host_port(value: Any, default_port: Optional[int] = None, *,
     return host, port
 
 
-def _ttl(value: Any) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 86400:
-        raise ValueError(f"expected whole seconds from 0 to 86400, got {value!r}")
-    return value
-
-
-def _cache_entries(value: Any) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 10_000_000:
-        raise ValueError(f"expected a number of entries from 0 (off) to 10000000, got {value!r}")
-    return value
-
-
-def _whole_range(low: int, high: int, what: str) -> Callable[[Any], int]:
+def _whole_range(low: int, high: int, what: str, low_text: str = "") -> Callable[[Any], int]:
+    """A parser of whole numbers from C{low} to C{high} (C{low_text}: how to say C{low})."""
     def parse(value: Any) -> int:
         if isinstance(value, str) and value.isdigit():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise ValueError(f"expected {what} from {low} to {high}, got {value!r}")
+            raise ValueError(f"expected {what} from {low_text or low} to {high}, "
+                             f"got {value!r}")
         return value
     return parse
+
+
+_ttl = _whole_range(0, 86400, "whole seconds")
+_cache_entries = _whole_range(0, 10_000_000, "a number of entries", "0 (off)")
+_whole_seconds = _whole_range(1, 3600, "whole seconds")
 
 
 def _listen_address(value: Any) -> tuple[str, int]:
@@ -258,14 +249,6 @@ def _identity(value: Any) -> str:
     if len(text) > 253 or not text.isprintable():
         raise ValueError(f"expected at most 253 printable characters, got {text!r}")
     return text
-
-
-def _whole_seconds(value: Any) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 3600:
-        raise ValueError(f"expected whole seconds from 1 to 3600, got {value!r}")
-    return value
 
 
 def _seconds(value: Any) -> float:
