@@ -20,14 +20,12 @@ from twisted.trial import unittest
 from contiv.k8s.apiconfig import ApiConfig, load_kubeconfig
 from contiv.k8s.events import ADDED, DELETED, MODIFIED, Event, EventStream, Synced
 from contiv.k8s.reflector import ApiSource, Reflector
-from tests.support.k8s_apiserver import (FakeApiServer, load_fixture, make_test_pki,
-                                         write_kubeconfig)
+from tests.support.k8s_apiserver import (FakeApiServer, cluster_objects, load_fixture,
+                                         make_test_pki, write_kubeconfig)
 
 pytestmark = pytest.mark.integration
 
 WAIT = 10.0
-FIXTURES = ("namespace.json", "pods.json", "networkpolicy.json", "service.json",
-            "endpointslice.json")
 
 
 def pod(name: str, ip: str = "10.244.9.9", namespace: str = "shop") -> dict:
@@ -68,12 +66,10 @@ class ApiSourceTests(unittest.TestCase):
 
     def setUp(self) -> None:
         self.server = FakeApiServer(reactor, bookmark_interval=0.1)
-        for name in FIXTURES:
-            for obj in load_fixture(name):
-                self.server.create(obj)
+        for obj in cluster_objects():
+            self.server.create(obj)
         self.addCleanup(self.server.stop)
-        self.fixture_keys = {("ADDED", o["kind"], key) for name in FIXTURES
-                             for o in load_fixture(name)
+        self.fixture_keys = {("ADDED", o["kind"], key) for o in cluster_objects()
                              for key in [f"{o['metadata']['namespace']}/{o['metadata']['name']}"
                                          if "namespace" in o["metadata"]
                                          else o["metadata"]["name"]]}

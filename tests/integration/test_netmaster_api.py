@@ -18,14 +18,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
-from tests.support.k8s_apiserver import FakeApiServer, load_fixture, write_kubeconfig
+from tests.support.k8s_apiserver import (FakeApiServer, cluster_objects, load_fixture,
+                                         write_kubeconfig)
 from tests.support.reactor_process import Collector, sleep
 from tests.support.processes import TWISTD, contiv_env, free_port
 
 pytestmark = pytest.mark.integration
 
-FIXTURES = ("namespace.json", "pods.json", "networkpolicy.json", "service.json",
-            "endpointslice.json")
 
 
 class NetmasterAgainstApiServer(unittest.TestCase):
@@ -35,9 +34,8 @@ class NetmasterAgainstApiServer(unittest.TestCase):
         self.workdir = tempfile.mkdtemp(prefix="contiv-netmaster-")
         self.addCleanup(shutil.rmtree, self.workdir, True)
         self.api = FakeApiServer(reactor, bookmark_interval=1.0)
-        for name in FIXTURES:
-            for obj in load_fixture(name):
-                self.api.create(copy.deepcopy(obj))
+        for obj in cluster_objects():
+            self.api.create(obj)
         self.api.require_token("token-1")
         self.url = self.api.listen_tcp()
         self.addCleanup(self.api.stop)

@@ -14,7 +14,6 @@ published by two processes, and a netplugin-side reader stays complete.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -29,14 +28,12 @@ from twisted.trial import unittest
 
 from contiv.store.layout import Reader
 from contiv.store.memcached import MemcachedStore
-from tests.support.k8s_apiserver import FakeApiServer, load_fixture, write_kubeconfig
+from tests.support.k8s_apiserver import FakeApiServer, cluster_objects, write_kubeconfig
 from tests.support.processes import TWISTD, MemcachedServer, contiv_env, free_port
 from tests.support.reactor_process import Collector, converge, sleep
 
 pytestmark = pytest.mark.integration
 
-FIXTURES = ("namespace.json", "pods.json", "networkpolicy.json", "service.json",
-            "endpointslice.json")
 LEASE_DURATION, RENEW_DEADLINE, RETRY_PERIOD = 3, 2, 0.5
 NAMESPACE, LEASE = "contiv-system", "contiv-netmaster"
 PUBLISHED = re.compile(rb"published generation (\d+)")
@@ -64,9 +61,8 @@ class NetmasterHighAvailability(unittest.TestCase):
         self.workdir = tempfile.mkdtemp(prefix="contiv-ha-")
         self.addCleanup(shutil.rmtree, self.workdir, True)
         self.api = FakeApiServer(reactor, bookmark_interval=1.0)
-        for name in FIXTURES:
-            for obj in load_fixture(name):
-                self.api.create(copy.deepcopy(obj))
+        for obj in cluster_objects():
+            self.api.create(obj)
         self.api.require_token("token-1")
         self.url = self.api.listen_tcp()
         self.addCleanup(self.api.stop)

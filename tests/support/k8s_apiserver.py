@@ -67,6 +67,16 @@ def load_fixture(name: str) -> List[dict]:
     return [data]
 
 
+# A small cluster: a namespace, pods, a policy, a Service and its EndpointSlice.
+CLUSTER_FIXTURES = ("namespace.json", "pods.json", "networkpolicy.json", "service.json",
+                    "endpointslice.json")
+
+
+def cluster_objects() -> List[dict]:
+    """Fresh copies of every object of L{CLUSTER_FIXTURES}."""
+    return [obj for name in CLUSTER_FIXTURES for obj in load_fixture(name)]
+
+
 def key_of(obj: dict) -> str:
     metadata = obj["metadata"]
     namespace = metadata.get("namespace")
