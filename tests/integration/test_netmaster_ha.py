@@ -143,6 +143,16 @@ class NetmasterHighAvailability(unittest.TestCase):
     def lease(self) -> dict:
         return self.api.leases[(NAMESPACE, LEASE)]
 
+    async def two_netmasters(self) -> tuple[Child, Child, dict]:
+        """netmaster-a and -b started: (the leader, the other, the leader's published status)."""
+        a, b = self.start("netmaster-a"), self.start("netmaster-b")
+        await self.when(a, lambda s: s["state"] in ("published", "standby"), "a settled")
+        await self.when(b, lambda s: s["state"] in ("published", "standby"), "b settled")
+        leader = {c.name: c for c in (a, b)}[await self.holder()]
+        status = await self.when(leader, lambda s: s["state"] == "published",
+                                 "the leader's publish")
+        return leader, (b if leader is a else a), status
+
     async def holder(self, timeout: float = 30) -> str:
         """Who holds the Lease, once someone does (both may still be on their first try)."""
         deadline = reactor.seconds() + timeout
@@ -174,16 +184,8 @@ class NetmasterHighAvailability(unittest.TestCase):
 
     async def _failover(self):
         node, namespace = self.db_node_and_namespace()
-        a, b = self.start("netmaster-a"), self.start("netmaster-b")
-        by_name = {c.name: c for c in (a, b)}
-
         # -- exactly one publishes, the other is a ready standby naming it
-        await self.when(a, lambda s: s["state"] in ("published", "standby"), "a settled")
-        await self.when(b, lambda s: s["state"] in ("published", "standby"), "b settled")
-        leader = by_name[await self.holder()]
-        standby = b if leader is a else a
-        leader_status = await self.when(leader, lambda s: s["state"] == "published",
-                                        "the leader's publish")
+        leader, standby, leader_status = await self.two_netmasters()
         # Ready once its first read of the Lease is back (before that it says
         # "reading the Lease" and is not ready: it cannot yet take over).
         standby_status = await self.when(
@@ -292,12 +294,7 @@ class NetmasterHighAvailability(unittest.TestCase):
 
     async def _cannot_renew(self):
         node, namespace = self.db_node_and_namespace()
-        a, b = self.start("netmaster-a"), self.start("netmaster-b")
-        by_name = {c.name: c for c in (a, b)}
-        await self.when(a, lambda s: s["state"] in ("published", "standby"), "a settled")
-        await self.when(b, lambda s: s["state"] in ("published", "standby"), "b settled")
-        leader = by_name[await self.holder()]
-        await self.when(leader, lambda s: s["state"] == "published", "the leader's publish")
+        leader, standby, _ = await self.two_netmasters()
         reader = Reader(self.store, node)
         await self.converge(reader, lambda s: len(s.policies) >= 1, "the policies")
 
@@ -318,7 +315,7 @@ class NetmasterHighAvailability(unittest.TestCase):
         # Nobody leads: a change is compiled by both but reaches no store.
         generation = self.samples[-1][1]
         self.api.create(self.new_policy(namespace, "db-7070", 7070))
-        for child in (a, b):
+        for child in (leader, standby):
             await self.when(child, lambda s: s["policies"] == 2, f"{child.name} compiling it")
         await sleep(1.0)
         self.assertEqual(self.samples[-1][1], generation)
@@ -329,7 +326,7 @@ class NetmasterHighAvailability(unittest.TestCase):
             reader, lambda s: "db-7070" in {p.name for p in s.policies.values()},
             "the change once a leader is back", timeout=LEASE_DURATION + 10)
         self.assertGreater(state.generation, generation)
-        holder = by_name[self.lease()["spec"]["holderIdentity"]]
+        holder = {c.name: c for c in (leader, standby)}[self.lease()["spec"]["holderIdentity"]]
         await self.when(holder, lambda s: s["state"] == "published", "the new leader")
         generations = [gen for _, gen, _ in self.samples if gen is not None]
         self.assertEqual(generations, sorted(generations), "gen went backwards")
