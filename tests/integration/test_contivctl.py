@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from tests.support.processes import (
     free_port,
     http_get,
     start_twistd,
+    stop_process,
     wait_for,
 )
 
@@ -104,13 +104,7 @@ class Cluster:
         return json.loads(self.ctl("-o", "json", *args, **kwargs).stdout)
 
     def stop(self):
-        if self.daemon is not None and self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGTERM)
-            try:
-                self.daemon.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait(timeout=10)
+        stop_process(self.daemon, grace=20)
         self.ovs.stop()
         self.memcached.stop()
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import subprocess
 import tempfile
 from typing import Any, Callable, Optional
 
@@ -36,6 +34,7 @@ from contiv.tap import DnsParts
 from contiv.store.layout import NodeState
 from tests.support import ovs as ovs_support
 from tests.support import reactor_process as waiting
+from tests.support.processes import stop_process
 from tests.support.reactor_process import sleep
 
 pytestmark = pytest.mark.integration
@@ -107,13 +106,7 @@ class DnsDatapathTests(unittest.TestCase):
         self.addCleanup(self._stop_dnsmasq)
 
     def _stop_dnsmasq(self) -> None:
-        if self.dnsmasq.poll() is None:
-            self.dnsmasq.send_signal(signal.SIGTERM)
-            try:
-                self.dnsmasq.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.dnsmasq.kill()
-                self.dnsmasq.wait(timeout=10)
+        stop_process(self.dnsmasq)
 
     def upstream_log(self) -> str:
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from typing import Optional
 
 from twisted.names import dns
 
-from tests.support.processes import REPO, free_port, wait_for
+from tests.support.processes import REPO, free_port, stop_process, wait_for
 
 DNS_CHILD = os.path.join(REPO, "tests", "support", "dns_child.py")
 
@@ -52,13 +51,7 @@ def end(process: Optional[subprocess.Popen]) -> None:
     """SIGTERM, then SIGKILL after 10 s; its pipes closed."""
     if process is None:
         return
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    stop_process(process)
     for pipe in (process.stdout, process.stderr):
         if pipe:
             pipe.close()

@@ -19,7 +19,7 @@ from collections import Counter as FlowSet
 from typing import Any, Optional
 
 from tests.support.ovs_node import MARK, Node
-from tests.support.processes import free_port, http_get, start_twistd, wait_for
+from tests.support.processes import free_port, http_get, start_twistd, stop_process, wait_for
 
 # -- the daemons -------------------------------------------------------------------
 
@@ -105,15 +105,7 @@ class Daemon:
         return sample(answer[1].decode(), name, **labels)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(self.process, sig, grace=20)
 
 
 def sample(text: str, name: str, **labels: str) -> float:

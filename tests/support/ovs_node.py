@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
 
 import yaml
 
 from tests.support import ovs as ovs_support
-from tests.support.processes import free_port, http_get, start_twistd, wait_for
+from tests.support.processes import free_port, http_get, start_twistd, stop_process, wait_for
 from tests.support.traffic import serve
 
 MARK = 0x00C07100
@@ -110,13 +108,7 @@ class Node:
         return [c for c in cookies if c & 0xFFFFFFFF == MARK]
 
     def stop(self):
-        if self.daemon is not None and self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGTERM)
-            try:
-                self.daemon.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait(timeout=10)
+        stop_process(self.daemon, grace=20)
         for server in self.servers:
             server.kill()
             server.wait(timeout=10)
