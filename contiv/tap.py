@@ -251,9 +251,13 @@ class DnsParts:
     """
 
     def __init__(self, answerer: Any, server: Any, datapath: bool):
+        from contiv.dns.answer import HIT, NODATA
+
         self.answerer = answerer
         self.server = server
         self.datapath = datapath
+        # What the datapath answers itself: names the table knows.
+        self._ours = (HIT, NODATA)
 
     def set_table(self, table: Any) -> None:
         self.answerer.set_table(table)
@@ -268,13 +272,11 @@ class DnsParts:
         answered here; NXDOMAIN for the cluster domain, errors and anything
         to forward are that resolver's to give.
         """
-        from contiv.dns.answer import HIT, NODATA
-
         # The reply goes back as one frame on a 1500-byte link: at most 1452
         # bytes of DNS under an IPv6 and a UDP header (less if the client
         # says so); a longer answer is truncated, and so not ours to give.
         outcome, data = self.answerer.respond(query, self.namespace_of(client_ip), 1452)
-        return data if outcome in (HIT, NODATA) else None
+        return data if outcome in self._ours else None
 
 
 def build_dns(config: configuration.Config, reactor: Any) -> Optional[DnsParts]:

@@ -99,6 +99,7 @@ class NetpluginService(MultiService):
 
     def status(self) -> dict[str, Any]:
         read = self.reader.state
+        store_problem = self._store_problem()
         if self.datapath is None:
             state, detail = "no-datapath", ("no bridge is configured (openflow.connect): "
                                             "nothing is enforced")
@@ -111,11 +112,11 @@ class NetpluginService(MultiService):
             state, detail = "applied", "the newest generation is confirmed by the bridge"
         elif self.datapath.last_error:
             state, detail = "bridge-error", self.datapath.last_error
-        elif self._store_problem() is not None:
+        elif store_problem is not None:
             # Not "applying": the store is down or incomplete, and the bridge
             # keeps the last complete state read until it is whole again.
             applied = self.datapath.applied_generation
-            state, detail = "store-error", self._store_problem() + (
+            state, detail = "store-error", store_problem + (
                 f"; enforcing generation {applied}" if applied is not None else "")
         else:
             state, detail = "applying", "a change is being applied"
