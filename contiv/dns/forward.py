@@ -262,15 +262,14 @@ class Forwarder:
         cache hit is the forwarding path's hot path.
         """
         now = self.clock.seconds()
-        if self.cache_size:
-            # The cache first, keyed without decoding the question: most
-            # queries are one uncompressed question, and a hit is the hot path.
-            quick = _quick_cache_key(query, tcp)
-            if quick is not None:
-                cached = self._from_cache(quick[0], query, quick[1], now)
-                if cached is not None:
-                    self.counts["cache_hit"] += 1
-                    return cached
+        # The cache first, keyed without decoding the question: most queries
+        # are one uncompressed question, and a hit is the hot path.
+        quick = _quick_cache_key(query, tcp) if self.cache_size else None
+        if quick is not None:
+            cached = self._from_cache(quick[0], query, quick[1], now)
+            if cached is not None:
+                self.counts["cache_hit"] += 1
+                return cached
         try:
             wire.read_header(query)
             question = wire.read_question(query)
@@ -278,8 +277,10 @@ class Forwarder:
         except wire.WireError:
             return (wire.error_response(query, wire.FORMERR)
                     if len(query) >= wire.HEADER_SIZE else None)
-        cache_key = None
-        if self.cache_size:
+        cache_key = quick[0] if quick is not None else None
+        if cache_key is None and self.cache_size:
+            # A question the quick key does not read (a compressed name): the
+            # decoded one keys the same cache.
             cache_key = _cache_key(question_key, query, question.end, tcp)
             cached = self._from_cache(cache_key, query, question.end, now)
             if cached is not None:
